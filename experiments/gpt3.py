@@ -1,0 +1,49 @@
+"""GPT-3 (Brown et al. 2020), the eight sizes of Table 2.1.
+
+`--config=experiments/gpt3.py:small|medium|large|xl|2.7b|6.7b|13b|175b`.
+GPT-2 architecture with alternating dense / locally banded attention. The band
+width is unstated; we use a window of 256 (the Sparse Transformer used 128).
+Adam 0.9/0.95/1e-8, clip 1.0, weight decay 0.1; linear warmup over 375M tokens,
+cosine to 10% at 260B tokens, then flat; 300B tokens. Batch ramp from 32k
+tokens over the first 4B (<=760M), 8B (1.3B-13B) or 12B (175B) tokens: the
+paper says "4-12B depending on model size" without the split, so that is ours.
+xl prints 24 heads of 128, which does not divide 2048; we use 16 x 128.
+13b prints d_model 5140, a typo for 5120 (Table D.1's 12,850M fits 5120).
+"""
+
+from gpt_jax.config import base_config
+
+CONTEXT = 2048
+SIZES = {  # name: (n_layer, d_model, n_head, batch tokens, peak_lr, ramp tokens)
+    "small": (12, 768, 12, 2**19, 6.0e-4, 4_000_000_000),
+    "medium": (24, 1024, 16, 2**19, 3.0e-4, 4_000_000_000),
+    "large": (24, 1536, 16, 2**19, 2.5e-4, 4_000_000_000),
+    "xl": (24, 2048, 16, 2**20, 2.0e-4, 8_000_000_000),
+    "2.7b": (32, 2560, 32, 2**20, 1.6e-4, 8_000_000_000),
+    "6.7b": (32, 4096, 32, 2**21, 1.2e-4, 8_000_000_000),
+    "13b": (40, 5120, 40, 2**21, 1.0e-4, 8_000_000_000),
+    "175b": (96, 12288, 96, 1536 * CONTEXT, 0.6e-4, 12_000_000_000),  # 3.2M tokens
+}
+
+
+def get_config(size: str = "small"):
+    if size not in SIZES:
+        raise ValueError(f"experiments/gpt3.py:{size} is not one of {list(SIZES)}")
+    n_layer, d_model, n_head, batch_tokens, lr, ramp = SIZES[size]
+    cfg = base_config()
+    cfg.name = f"gpt3-{size}"
+    m = cfg.model
+    m.vocab_size, m.context = 50257, CONTEXT
+    m.n_layer, m.n_head, m.d_model, m.d_ff = n_layer, n_head, d_model, 4 * d_model
+    m.attention_pattern, m.window = "alternating", 256
+    m.dtype, m.scan_layers, m.remat = "bfloat16", True, "dots_with_no_batch_dims_saveable"
+    o = cfg.optim
+    o.schedule, o.peak_lr, o.final_lr_frac = "cosine", lr, 0.1
+    o.warmup_tokens, o.decay_tokens = 375_000_000, 260_000_000_000
+    o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, 0.95, 1e-8, 0.1, 1.0
+    o.batch_ramp_tokens, o.batch_ramp_start_tokens = ramp, 32768
+    t = cfg.train
+    t.batch_size = batch_tokens // CONTEXT
+    t.microbatches = t.batch_size // 16  # ramp granularity: 16 x 2048 = 32k tokens
+    t.steps = 300_000_000_000 // batch_tokens
+    return cfg

@@ -1,0 +1,212 @@
+"""Shared config defaults and the one place configs are validated.
+
+Every experiment file under `experiments/` starts from `base_config()` and
+overrides what its paper says. `validate(cfg)` runs before any compute and
+raises `ConfigError` naming the offending field and what would be valid.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+SCHEDULES = ("constant", "cosine", "linear")
+DATA_SOURCES = ("stdlib", "text", "tfds")
+TOKENIZERS = ("sentencepiece", "char", "file")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that cannot work; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every experiment (a GPT-2-style pre-norm decoder)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.name = "base"
+    cfg.seed = 0
+
+    cfg.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 50257
+    m.context = 1024  # maximum sequence length (learned position table size)
+    m.n_layer = 12
+    m.n_head = 12
+    m.d_model = 768
+    m.d_ff = 3072
+    m.norm = "pre"  # 'pre' (GPT-2/3) or 'post' (GPT-1)
+    m.ln_eps = 1e-5
+    m.init_std = 0.02
+    m.scale_residual_init = True  # GPT-2: residual projections get std / sqrt(2 n_layer)
+    m.embd_pdrop = 0.1
+    m.resid_pdrop = 0.1
+    m.attn_pdrop = 0.1
+    m.attention_pattern = "dense"  # 'dense' or 'alternating' (GPT-3)
+    m.window = 256  # banded layers attend to the previous `window` positions
+    m.dtype = "float32"  # compute dtype; params are always float32
+    m.scan_layers = False
+    m.remat = "none"
+    m.attention_impl = "xla"  # passed to jax.nn.dot_product_attention ('xla', 'cudnn')
+
+    cfg.optim = o = ml_collections.ConfigDict()
+    # 'cosine': linear warmup from 0, cosine to final_lr_frac * peak at the end of
+    # decay, then flat (GPT-1 with frac 0, GPT-3 with 0.1, SFT with no warmup).
+    # 'linear': warmup, then linear decay to final_lr_frac * peak (GPT-1 fine-tuning).
+    # 'constant': warmup, then flat.
+    o.schedule = "cosine"
+    o.peak_lr = 6e-4
+    o.warmup_steps = 0
+    o.warmup_tokens = 0  # if > 0, overrides warmup_steps (GPT-3 counts in tokens)
+    o.decay_steps = 0  # 0 means train.steps
+    o.decay_tokens = 0  # if > 0, overrides decay_steps
+    o.final_lr_frac = 0.1
+    o.warmup_frac = 0.0  # fine-tuning: warmup as a fraction of all steps
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.grad_clip = 1.0
+    # GPT-3 batch-size ramp: microbatches grow linearly from ceil(start/full)
+    # of the full batch to all of it over the first `batch_ramp_tokens` tokens.
+    o.batch_ramp_tokens = 0
+    o.batch_ramp_start_tokens = 32768
+
+    cfg.train = t = ml_collections.ConfigDict()
+    t.batch_size = 8  # global sequences per optimizer step
+    t.microbatches = 1  # gradient accumulation steps per optimizer step
+    t.steps = 1000
+    t.log_every = 10
+    t.eval_every = 100
+    t.eval_batches = 4
+    t.ckpt_every = 200
+    t.keep = 2
+    t.sample_tokens = 64
+    t.sample_prompt = "def "
+
+    cfg.data = d = ml_collections.ConfigDict()
+    d.source = "stdlib"
+    d.text_glob = ""
+    d.tfds_name = ""
+    d.tfds_split = "train"
+    d.tfds_val_split = "validation"
+    d.tfds_text_feature = "text"
+    d.tfds_data_dir = ""
+    d.tfds_max_docs = 0  # 0 = all documents
+    d.data_dir = "data"  # token files and tokenizer models live here
+    d.val_fraction = 0.05
+    d.tokenizer = "sentencepiece"
+    d.tokenizer_path = ""  # tokenizer='file': path to a sentencepiece .model
+    d.tokenizer_train_chars = 20_000_000  # characters sampled to train a new vocabulary
+    d.seed = 0
+    d.num_workers = 2
+
+    cfg.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # -1: all devices not used by the other axes
+    mesh.model = 1
+    mesh.fsdp = False  # shard params and optimizer state over 'data' too
+    mesh.dcn_data = 1  # data parallelism across TPU slices (multi-slice)
+    return cfg
+
+
+def _fail(field: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{field}={value!r} {why}")
+
+
+def _check_choice(cfg: ml_collections.ConfigDict, field: str, choices: tuple[str, ...]) -> None:
+    value = _get(cfg, field)
+    if value not in choices:
+        _fail(field, value, f"is not one of {list(choices)}")
+
+
+def _get(cfg: ml_collections.ConfigDict, field: str) -> Any:
+    node: Any = cfg
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks a config before any compute; returns it unchanged or raises ConfigError."""
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    for field in ("model.vocab_size", "model.context", "model.n_layer", "model.n_head",
+                  "model.d_model", "model.d_ff", "train.batch_size", "train.microbatches",
+                  "train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
+                  "train.keep", "train.eval_batches"):
+        value = _get(cfg, field)
+        if not isinstance(value, int) or value < 1:
+            _fail(field, value, "must be a positive integer")
+    if m.d_model % m.n_head:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
+    _check_choice(cfg, "model.norm", ("pre", "post"))
+    _check_choice(cfg, "model.attention_pattern", ("dense", "alternating"))
+    _check_choice(cfg, "model.dtype", DTYPES)
+    _check_choice(cfg, "model.remat", REMAT_POLICIES)
+    _check_choice(cfg, "model.attention_impl", ("xla", "cudnn", "auto"))
+    if m.attention_pattern == "alternating" and not 1 <= m.window:
+        _fail("model.window", m.window, "must be >= 1 for alternating attention")
+    for field in ("model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop"):
+        value = _get(cfg, field)
+        if not 0.0 <= value < 1.0:
+            _fail(field, value, "must be in [0, 1)")
+    if m.scan_layers and m.attention_pattern == "alternating" and m.n_layer % 2:
+        _fail("model.n_layer", m.n_layer,
+              "must be even when model.scan_layers=True with alternating attention "
+              "(layers are scanned in dense/banded pairs)")
+
+    _check_choice(cfg, "optim.schedule", SCHEDULES)
+    if o.peak_lr <= 0:
+        _fail("optim.peak_lr", o.peak_lr, "must be > 0")
+    if not 0.0 <= o.final_lr_frac <= 1.0:
+        _fail("optim.final_lr_frac", o.final_lr_frac, "must be in [0, 1]")
+    if not 0.0 <= o.warmup_frac < 1.0:
+        _fail("optim.warmup_frac", o.warmup_frac, "must be in [0, 1)")
+    for field in ("optim.b1", "optim.b2"):
+        if not 0.0 <= _get(cfg, field) < 1.0:
+            _fail(field, _get(cfg, field), "must be in [0, 1)")
+    if o.grad_clip < 0:
+        _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+
+    if t.batch_size % t.microbatches:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by "
+            f"train.microbatches={t.microbatches}")
+    if o.batch_ramp_tokens:
+        if o.batch_ramp_start_tokens <= 0:
+            _fail("optim.batch_ramp_start_tokens", o.batch_ramp_start_tokens, "must be > 0")
+
+    _check_choice(cfg, "data.source", DATA_SOURCES)
+    _check_choice(cfg, "data.tokenizer", TOKENIZERS)
+    if d.source == "text" and not d.text_glob:
+        _fail("data.text_glob", d.text_glob, "must name files when data.source='text'")
+    if d.source == "tfds" and not d.tfds_name:
+        _fail("data.tfds_name", d.tfds_name, "must name a TFDS dataset when data.source='tfds'")
+    if d.tokenizer == "file" and not d.tokenizer_path:
+        _fail("data.tokenizer_path", d.tokenizer_path,
+              f"must point to a tokenizer when data.tokenizer={d.tokenizer!r}")
+    if not 0.0 < d.val_fraction < 1.0:
+        _fail("data.val_fraction", d.val_fraction, "must be in (0, 1)")
+
+    if cfg.mesh.model < 1:
+        _fail("mesh.model", cfg.mesh.model, "must be >= 1")
+    if cfg.mesh.data == 0 or cfg.mesh.data < -1:
+        _fail("mesh.data", cfg.mesh.data, "must be -1 (all remaining devices) or >= 1")
+    if m.n_head % cfg.mesh.model:
+        raise ConfigError(
+            f"model.n_head={m.n_head} is not divisible by mesh.model={cfg.mesh.model}")
+    if m.d_ff % cfg.mesh.model:
+        raise ConfigError(
+            f"model.d_ff={m.d_ff} is not divisible by mesh.model={cfg.mesh.model}")
+    return cfg
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    """The resolved config as JSON (written next to checkpoints)."""
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of `to_json`: a config saved in a workdir."""
+    return ml_collections.ConfigDict(json.loads(text))
