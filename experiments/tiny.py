@@ -21,8 +21,8 @@ def get_config(variant: str = "bpe"):
     o.schedule, o.peak_lr, o.warmup_steps, o.final_lr_frac = "cosine", 2e-3, 100, 0.1
     o.weight_decay = 0.1
     t = cfg.train
-    t.batch_size, t.steps = 32, 1500
-    t.log_every, t.eval_every, t.eval_batches, t.ckpt_every, t.keep = 25, 250, 8, 250, 2
+    t.batch_size, t.steps = 32, 600
+    t.log_every, t.eval_every, t.eval_batches, t.ckpt_every, t.keep = 20, 200, 8, 200, 2
     t.sample_tokens, t.sample_prompt = 96, "def "
     d = cfg.data
     d.source, d.tokenizer = "stdlib", ("sentencepiece" if variant == "bpe" else "char")

@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     cfg.data = d = ml_collections.ConfigDict()
     d.source = "stdlib"
+    d.sequence = ""  # babygpt: a literal 0/1 token string
     d.text_glob = ""
     d.tfds_name = ""
     d.tfds_split = "train"
@@ -94,7 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.tfds_text_feature = "text"
     d.tfds_data_dir = ""
     d.tfds_max_docs = 0  # 0 = all documents
-    d.data_dir = "data"  # token files and tokenizer models live here
+    d.data_dir = "data"  # token files and tokenizer models live here (a local path)
+    d.token_dir = ""  # explicit token directory; default <data_dir>/tokens/<source-tokenizer>
     d.val_fraction = 0.05
     d.tokenizer = "sentencepiece"
     d.tokenizer_path = ""  # tokenizer='file': path to a sentencepiece .model

@@ -96,4 +96,4 @@ def microbatches_at(cfg: ml_collections.ConfigDict, step: Any) -> Any:
     ramp_steps = 2 * o.batch_ramp_tokens / (start + full)
     frac = jnp.clip(jnp.asarray(step, jnp.float32) / ramp_steps, 0.0, 1.0)
     tokens = start + (full - start) * frac
-    return jnp.clip(jnp.ceil(m * tokens / full), 1, m).astype(jnp.int32)
+    return jnp.clip(jnp.round(m * tokens / full), 1, m).astype(jnp.int32)

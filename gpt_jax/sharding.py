@@ -1,0 +1,142 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+The model names every parameter dimension (`vocab`, `embed`, `heads`, ...);
+`rules(cfg)` below is the only place those names meet the mesh axes `data`
+and `model`. Megatron-style tensor parallelism falls out of the table: QKV and
+MLP-in are column-parallel (`heads`, `mlp` on `model`), the output projections
+row-parallel (their input dims on `model`), embedding and logits
+vocabulary-parallel. With `mesh.fsdp` the `embed` dimension of every weight is
+also sharded over `data` (ZeRO-3 style), so params and Adam moments scale down
+with the data-parallel degree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gpt_jax.config import ConfigError
+
+AXES = ("data", "model")
+
+
+def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+    """Logical axis -> mesh axis (None = replicated)."""
+    return (
+        ("batch", "data"),
+        ("vocab", "model"),
+        ("heads", "model"),
+        ("mlp", "model"),
+        ("embed", "data" if cfg.mesh.fsdp else None),
+        ("kv", None),
+        ("position", None),
+        ("layers", None),
+    )
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+    """(data, model) sizes; `mesh.data=-1` takes every device `model` leaves."""
+    model = cfg.mesh.model
+    if num_devices % model:
+        raise ConfigError(
+            f"mesh.model={model} does not divide the {num_devices} available devices")
+    data = num_devices // model if cfg.mesh.data == -1 else cfg.mesh.data
+    if data * model != num_devices:
+        raise ConfigError(
+            f"mesh.data={cfg.mesh.data} x mesh.model={model} = {data * model} devices, "
+            f"but {num_devices} are available; set mesh.data=-1 to use all of them")
+    return data, model
+
+
+def make_mesh(cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+    """A ('data', 'model') mesh over all devices; multi-slice when mesh.dcn_data > 1."""
+    devices = jax.devices() if devices is None else devices
+    data, model = mesh_shape(cfg, len(devices))
+    vocab = cfg.model.vocab_size
+    if vocab % model:  # embedding and logits are vocabulary-parallel (see `rules`)
+        padded = -(-vocab // math.lcm(128, model)) * math.lcm(128, model)
+        raise ConfigError(
+            f"model.vocab_size={vocab} is not divisible by mesh.model={model}: the embedding "
+            f"and logits are split over the vocabulary; pad it, e.g. model.vocab_size={padded} "
+            f"(ids the tokenizer never produces only cost memory)")
+    dcn = cfg.mesh.dcn_data
+    if dcn > 1:
+        if data % dcn:
+            raise ConfigError(f"mesh.dcn_data={dcn} does not divide the data axis ({data})")
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (data // dcn, model), (dcn, 1), devices=devices)
+    elif len(devices) > 1 and devices[0].platform != "cpu":
+        grid = mesh_utils.create_device_mesh((data, model), devices=devices)
+    else:
+        grid = np.asarray(devices).reshape(data, model)
+    return Mesh(grid, AXES)
+
+
+def check_batch(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The per-microbatch batch must split evenly over the data axis (and hosts)."""
+    micro = cfg.train.batch_size // cfg.train.microbatches
+    data = mesh.shape["data"]
+    if micro % data:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} / train.microbatches="
+            f"{cfg.train.microbatches} = {micro} sequences per microbatch is not divisible "
+            f"by the data axis of the mesh ({data} devices)")
+    if micro % jax.process_count():
+        raise ConfigError(
+            f"{micro} sequences per microbatch do not split over {jax.process_count()} hosts")
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, cfg: ml_collections.ConfigDict) -> Any:
+    """NamedShardings for a pytree of logical PartitionSpecs."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules(cfg))
+
+
+def tree_shardings(boxed_tree: Any, mesh: Mesh, cfg: ml_collections.ConfigDict) -> Any:
+    """NamedShardings for a pytree whose leaves may be flax LogicallyPartitioned boxes
+    (params, or optimizer state built on them); unboxed leaves are replicated."""
+    return logical_to_sharding(nn.get_partition_spec(boxed_tree), mesh, cfg)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Shard the batch dimension of an ndim-array over `data`; other dims replicated."""
+    spec = [None] * ndim
+    spec[batch_axis] = "data"
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def host_local_to_global(local_batch: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+    """Assemble each process's slice of the batch into one global sharded array."""
+    sharding = batch_sharding(mesh, local_batch.ndim, batch_axis)
+    return jax.make_array_from_process_local_data(sharding, local_batch)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """`jax.distributed.initialize` when this is one of several processes.
+
+    Explicit flags win; otherwise JAX's own cluster detection is used on Cloud
+    TPU VMs with several workers, multi-slice and SLURM jobs of several tasks.
+    A single process does nothing. On CPU the collectives go through gloo.
+    """
+    if coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # no-op off CPU
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return
+    multi_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    multi_slice = "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if multi_tpu or multi_slice or slurm:
+        jax.distributed.initialize()

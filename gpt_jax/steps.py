@@ -1,0 +1,94 @@
+"""Losses and the train/eval step factories every trainer uses.
+
+A trainer supplies `loss_fn(params, microbatch, rng) -> (loss, aux)`; the step
+accumulates gradients over the leading microbatch axis of the batch, applies
+the optax update and returns metrics. Pretraining, fine-tuning, SFT, the
+reward model and PPO differ only in their loss_fn and data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from gpt_jax import model as model_lib
+
+Array = jax.Array
+LossFn = Callable[[Any, Any, Array], tuple[Array, dict[str, Array]]]
+
+
+def cross_entropy(logits_BxTxV: Array, targets_BxT: Array,
+                  mask_BxT: Array | None = None) -> tuple[Array, Array]:
+    """(summed next-token cross-entropy in float32, number of counted tokens)."""
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxTxV.astype(jnp.float32), targets_BxT)
+    if mask_BxT is None:
+        return losses_BxT.sum(), jnp.asarray(losses_BxT.size, jnp.float32)
+    mask_BxT = mask_BxT.astype(jnp.float32)
+    return (losses_BxT * mask_BxT).sum(), mask_BxT.sum()
+
+
+def lm_loss_fn(model_cfg: ml_collections.ConfigDict) -> LossFn:
+    """Mean next-token loss on windows of context + 1 tokens (pretraining)."""
+    net = model_lib.GPT(model_cfg)
+
+    def loss_fn(params: Any, windows_BxT1: Array, rng: Array) -> tuple[Array, dict]:
+        inputs, targets = windows_BxT1[:, :-1], windows_BxT1[:, 1:]
+        deterministic = rng is None
+        logits = net.apply({"params": params}, inputs, deterministic=deterministic,
+                           rngs=None if deterministic else {"dropout": rng})
+        total, count = cross_entropy(logits, targets)
+        return total / count, {}
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
+    """train_step(state, batch_Mx..., rng, num_micro) -> (state, metrics).
+
+    `batch` has a leading axis of M microbatches; the first `num_micro` are
+    used (a traced count, so GPT-3's batch ramp never recompiles) and their
+    gradients averaged. `state` is {'step', 'params', 'opt_state'}.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: dict, batch: Any, rng: Array, num_micro: Array) -> tuple[dict, dict]:
+        params = state["params"]
+        step_rng = jax.random.fold_in(rng, state["step"])
+
+        def micro(i: Array, carry: tuple) -> tuple:
+            grads_acc, loss_acc = carry
+            mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), batch)
+            (loss, _), grads = grad_fn(params, mb, jax.random.fold_in(step_rng, i))
+            return jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.zeros((), jnp.float32))
+        if jax.tree.leaves(batch)[0].shape[0] == 1:  # no accumulation: no loop for XLA
+            grads, loss = micro(jnp.asarray(0), init)
+        else:
+            grads, loss = jax.lax.fori_loop(0, num_micro, micro, init)
+        scale = 1.0 / num_micro.astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        return new_state, {"loss": loss * scale, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+def make_eval_step(model_cfg: ml_collections.ConfigDict) -> Callable:
+    """eval_step(params, windows_BxT1) -> (summed loss, token count), dropout off."""
+    net = model_lib.GPT(model_cfg)
+
+    def eval_step(params: Any, windows_BxT1: Array) -> tuple[Array, Array]:
+        logits = net.apply({"params": params}, windows_BxT1[:, :-1])
+        return cross_entropy(logits, windows_BxT1[:, 1:])
+
+    return eval_step

@@ -1,0 +1,327 @@
+"""Tokenizers behind one small interface: encode, decode, eot_id, vocab_size, fingerprint.
+
+Three kinds, chosen by `data.tokenizer`:
+- 'sentencepiece': a BPE vocabulary of `model.vocab_size` pieces trained on a seeded sample of
+  the training split, with byte fallback so every UTF-8 string round-trips exactly.
+- 'char': the sorted characters of the training split, for tiny experiments.
+- 'file': an existing sentencepiece `.model` (`data.tokenizer_path`).
+
+End of text: every tokenizer has an `eot_id` that `encode` never produces from text (so a
+literal "<|endoftext|>" inside a document stays ordinary text); data.py inserts it between
+documents and `decode` renders it as the string "<|endoftext|>".
+
+Trained vocabularies are stored once under `<data.data_dir>/tokenizers/` and reused; a copy
+saved into a workdir with `Tokenizer.save` is rebuilt with `load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import ml_collections
+import numpy as np
+import sentencepiece as spm
+
+from gpt_jax.config import ConfigError
+
+EOT = "<|endoftext|>"
+MODEL_FILE = "tokenizer.model"  # the file names `Tokenizer.save` writes in a directory
+CHAR_FILE = "tokenizer.json"
+SPM_THREADS = 4  # fixed so training is reproducible whatever the machine
+SPM_MAX_SENTENCE_BYTES = 8192
+SENTENCE_CHARS = 2000  # training sentences are chunks of whole lines of about this size
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` via a temp file + os.replace, so readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Tokenizer(abc.ABC):
+    """The interface every tokenizer implements.
+
+    Attributes: `kind` ('sentencepiece' or 'char'), `eot_id`, `vocab_size` (ids lie in
+    [0, vocab_size)), `fingerprint` (sha256 of the serialized vocabulary; identifies it).
+    """
+
+    kind: str
+    eot_id: int
+    vocab_size: int
+    fingerprint: str
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (never contains `eot_id`)."""
+
+    @abc.abstractmethod
+    def _decode_text(self, ids: list[int]) -> str:
+        """Text of ids that contain no `eot_id`."""
+
+    @abc.abstractmethod
+    def serialize(self) -> bytes:
+        """The bytes `load_tokenizer` rebuilds this tokenizer from."""
+
+    @property
+    @abc.abstractmethod
+    def file_name(self) -> str:
+        """Name under which `save` stores `serialize()` in a directory."""
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as an int64 array (fast path for data preparation)."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; each `eot_id` is rendered as the literal string '<|endoftext|>'."""
+        pieces: list[str] = []
+        run: list[int] = []
+        for i in (int(i) for i in ids):
+            if i == self.eot_id:
+                pieces.append(self._decode_text(run))
+                pieces.append(EOT)
+                run = []
+            else:
+                run.append(i)
+        pieces.append(self._decode_text(run))
+        return "".join(pieces)
+
+    def save(self, directory: str) -> str:
+        """Stores the tokenizer in `directory` (e.g. a workdir); returns the file path."""
+        path = os.path.join(directory, self.file_name)
+        atomic_write_bytes(path, self.serialize())
+        return path
+
+    def __reduce__(self):  # picklable for multiprocessing workers
+        return (load_tokenizer_bytes, (self.serialize(), self.file_name))
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model (trained here or loaded from a `.model` file)."""
+
+    kind = "sentencepiece"
+    file_name = MODEL_FILE
+
+    def __init__(self, model_bytes: bytes):
+        self._bytes = bytes(model_bytes)
+        self._sp = spm.SentencePieceProcessor(model_proto=self._bytes)
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.fingerprint = _sha256(self._bytes)
+        eot = self._sp.piece_to_id(EOT)
+        if self._sp.id_to_piece(eot) != EOT:  # piece_to_id returns unk for unknown pieces
+            # A foreign model without our symbol: use its eos, else one id past the vocabulary.
+            eos = self._sp.eos_id()
+            eot = eos if eos >= 0 else self.vocab_size
+            self.vocab_size = max(self.vocab_size, eot + 1)
+        self.eot_id = int(eot)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self._sp.decode(ids) if ids else ""
+
+    def serialize(self) -> bytes:
+        return self._bytes
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character: ids 0..n-1 are `chars` in sorted order, then eot, then unk.
+
+    Characters missing from the vocabulary (e.g. ones that only occur in the validation split)
+    encode to `unk_id`, which decodes to U+FFFD; text made of known characters round-trips.
+    """
+
+    kind = "char"
+    file_name = CHAR_FILE
+
+    def __init__(self, chars: Sequence[str]):
+        chars = sorted(set(chars))
+        if any(len(c) != 1 for c in chars):
+            raise ValueError("CharTokenizer vocabulary entries must be single characters")
+        self.chars = "".join(chars)
+        self.eot_id = len(chars)
+        self.unk_id = len(chars) + 1
+        self.vocab_size = len(chars) + 2
+        self._codepoints = np.array([ord(c) for c in chars], dtype=np.int64)
+        self._table = np.array(list(chars) + [EOT, "\ufffd"], dtype=object)
+        self.fingerprint = _sha256(self.serialize())
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        if not len(self._codepoints):
+            return np.full(codes.shape, self.unk_id, dtype=np.int64)
+        pos = np.searchsorted(self._codepoints, codes)
+        pos_clipped = np.minimum(pos, len(self._codepoints) - 1)
+        known = (pos < len(self._codepoints)) & (self._codepoints[pos_clipped] == codes)
+        return np.where(known, pos, self.unk_id).astype(np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return "".join(self._table[np.asarray(ids, dtype=np.int64)]) if ids else ""
+
+    def serialize(self) -> bytes:
+        return json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=True).encode()
+
+
+def load_tokenizer_bytes(data: bytes, file_name: str) -> Tokenizer:
+    """Rebuilds a tokenizer from `serialize()` bytes; `file_name` says which kind they are."""
+    if file_name.endswith(".json"):
+        spec = json.loads(data)
+        if spec.get("kind") != "char":
+            raise ValueError(f"{file_name}: not a char tokenizer (kind={spec.get('kind')!r})")
+        return CharTokenizer(spec["chars"])
+    return SentencePieceTokenizer(data)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Loads a tokenizer from a `.model`/`.json` file or a directory holding one (a workdir)."""
+    if os.path.isdir(path):
+        for name in (MODEL_FILE, CHAR_FILE):
+            if os.path.exists(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise FileNotFoundError(f"no {MODEL_FILE} or {CHAR_FILE} in directory {path}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    with open(path, "rb") as f:
+        return load_tokenizer_bytes(f.read(), os.path.basename(path))
+
+
+def take_chars(docs: Iterable[str], max_chars: int) -> list[str]:
+    """The first documents of `docs` up to `max_chars` characters in all (last one cut)."""
+    out: list[str] = []
+    left = max_chars
+    for doc in docs:
+        if left <= 0:
+            break
+        out.append(doc[:left])
+        left -= len(out[-1])
+    return out
+
+
+def training_sentences(docs: Iterable[str]) -> Iterator[str]:
+    """Chunks documents into sentencepiece training sentences of whole lines.
+
+    Newlines stay inside the sentences so pieces such as '):\\n' or '\\n\\n' can be learned;
+    chunks stay under sentencepiece's sentence length limit (longer lines are cut).
+    """
+    for doc in docs:
+        buf: list[str] = []
+        size = 0
+        for line in doc.splitlines(keepends=True):
+            for start in range(0, len(line), SENTENCE_CHARS):
+                part = line[start:start + SENTENCE_CHARS]
+                if size + len(part) > SENTENCE_CHARS and buf:
+                    yield "".join(buf)
+                    buf, size = [], 0
+                buf.append(part)
+                size += len(part)
+        if buf:
+            yield "".join(buf)
+
+
+def train_sentencepiece(docs: Iterable[str], vocab_size: int) -> SentencePieceTokenizer:
+    """Trains a byte-fallback BPE of exactly `vocab_size` pieces on `docs`, deterministically.
+
+    Normalization is off and whitespace is kept as is, so encode/decode is the identity on any
+    UTF-8 text; digits are split; id 0 is <unk> (never produced), id 1 the eot control symbol.
+    """
+    sentences = [s for s in training_sentences(docs)
+                 if len(s.encode("utf-8")) <= SPM_MAX_SENTENCE_BYTES]
+    if not sentences:
+        raise ValueError("cannot train a sentencepiece vocabulary on an empty corpus")
+    model = io.BytesIO()
+    with open(os.devnull, "w") as devnull:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=model, logstream=devnull,
+            model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+            character_coverage=0.9995, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_by_whitespace=False, split_digits=True,
+            control_symbols=[EOT], unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+            num_threads=SPM_THREADS, input_sentence_size=0, shuffle_input_sentence=False,
+            max_sentence_length=SPM_MAX_SENTENCE_BYTES, train_extremely_large_corpus=False)
+    return SentencePieceTokenizer(model.getvalue())
+
+
+def build_char_tokenizer(docs: Iterable[str]) -> CharTokenizer:
+    """A char tokenizer over the sorted set of characters in `docs`."""
+    chars: set[str] = set()
+    for doc in docs:
+        chars.update(doc)
+    return CharTokenizer(sorted(chars))
+
+
+def check_vocab(tokenizer: Tokenizer, cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError if the tokenizer has more ids than the model's embedding table."""
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer.kind} "
+            f"tokenizer's vocabulary of {tokenizer.vocab_size} ids; raise model.vocab_size to "
+            f"at least {tokenizer.vocab_size}")
+
+
+def tokenizer_file(cfg: ml_collections.ConfigDict, corpus_key: str) -> str:
+    """Where the vocabulary trained for `corpus_key` under this config lives in the data dir."""
+    d = cfg.data
+    directory = os.path.join(d.data_dir, "tokenizers")
+    if d.tokenizer == "char":
+        return os.path.join(directory, f"{corpus_key}-char.json")
+    return os.path.join(
+        directory, f"{corpus_key}-sp{cfg.model.vocab_size}-seed{d.seed}"
+                   f"-chars{d.tokenizer_train_chars}.model")
+
+
+def from_config(cfg: ml_collections.ConfigDict, corpus_key: str,
+                train_docs: Callable[[int], Iterable[str]]) -> Tokenizer:
+    """The tokenizer `cfg.data.tokenizer` asks for: loaded if stored, else trained and stored.
+
+    `train_docs(max_chars)` yields a seeded sample of the training documents of at least
+    `max_chars` characters (0: all of them); it is only called when a vocabulary is built.
+    Checks the size against `model.vocab_size`.
+    """
+    d = cfg.data
+    if d.tokenizer == "file":
+        if not d.tokenizer_path or not os.path.isfile(d.tokenizer_path):
+            raise ConfigError(
+                f"data.tokenizer_path={d.tokenizer_path!r} is not an existing sentencepiece "
+                ".model file (data.tokenizer='file')")
+        tok = load_tokenizer(d.tokenizer_path)
+    elif d.tokenizer in ("sentencepiece", "char"):
+        path = tokenizer_file(cfg, corpus_key)
+        if os.path.exists(path):
+            tok = load_tokenizer(path)
+        elif d.tokenizer == "char":
+            tok = build_char_tokenizer(train_docs(0))
+            check_vocab(tok, cfg)
+            atomic_write_bytes(path, tok.serialize())
+        else:
+            tok = train_sentencepiece(
+                take_chars(train_docs(d.tokenizer_train_chars), d.tokenizer_train_chars),
+                cfg.model.vocab_size)
+            atomic_write_bytes(path, tok.serialize())
+    else:
+        raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not one of "
+                          "['sentencepiece', 'char', 'file']")
+    check_vocab(tok, cfg)
+    return tok

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny configs that run in milliseconds on one CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from gpt_jax.config import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**model: object) -> ml_collections.ConfigDict:
+    cfg = base_config()
+    m = cfg.model
+    m.update(dict(vocab_size=61, context=16, n_layer=2, n_head=2, d_model=32, d_ff=64,
+                  embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0))
+    m.update(model)
+    return cfg
+
+
+@pytest.fixture
+def cfg() -> ml_collections.ConfigDict:
+    return tiny_config()
+
+
+def run_python(args: list[str], env: dict | None = None, timeout: int = 600,
+               cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Runs `python args...` in a fresh process (so XLA flags never leak between tests)."""
+    full_env = dict(os.environ)
+    full_env.pop("XLA_FLAGS", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *args], env=full_env, cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,106 @@
+"""Schedules at their boundaries, the weight-decay mask and GPT-3's batch ramp."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO
+
+from gpt_jax import model, optim
+from gpt_jax.config import base_config
+
+
+def experiment(name: str, *args: str):
+    spec = importlib.util.spec_from_file_location(name, f"{REPO}/experiments/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(*args)
+
+
+def lr(cfg, step):
+    return float(optim.learning_rate_schedule(cfg)(step))
+
+
+def test_gpt1_schedule():
+    cfg = experiment("gpt1")
+    end = cfg.train.steps
+    assert lr(cfg, 0) == 0.0
+    assert lr(cfg, 1000) == pytest.approx(1.25e-4)
+    assert lr(cfg, 2000) == pytest.approx(2.5e-4)
+    mid = 2000 + (end - 2000) // 2
+    assert lr(cfg, mid) == pytest.approx(1.25e-4, rel=1e-3)  # cosine halfway
+    assert lr(cfg, end) == pytest.approx(0.0, abs=1e-12)
+    assert lr(cfg, end + 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gpt3_schedule_in_tokens():
+    cfg = experiment("gpt3", "small")
+    per_step = cfg.train.batch_size * cfg.model.context  # 2**19 tokens
+    assert per_step == 2**19
+    warm = optim.warmup_steps(cfg)
+    assert warm == int(np.ceil(375e6 / per_step))  # 716 steps
+    decay = optim.decay_steps(cfg)
+    assert decay == int(np.ceil(260e9 / per_step))
+    peak = 6e-4
+    assert lr(cfg, 0) == 0.0
+    assert lr(cfg, warm) == pytest.approx(peak)
+    assert lr(cfg, decay) == pytest.approx(0.1 * peak)
+    assert lr(cfg, cfg.train.steps) == pytest.approx(0.1 * peak)  # flat after 260B tokens
+    assert cfg.train.steps * per_step == pytest.approx(300e9, rel=1e-3)
+
+
+def test_finetune_and_sft_schedules():
+    cfg = base_config()
+    cfg.train.steps = 1000
+    cfg.optim.update(dict(schedule="linear", peak_lr=6.25e-5, warmup_frac=0.002,
+                          final_lr_frac=0.0))
+    assert optim.warmup_steps(cfg) == 2
+    assert lr(cfg, 0) == 0.0 and lr(cfg, 2) == pytest.approx(6.25e-5)
+    assert lr(cfg, 501) == pytest.approx(6.25e-5 / 2, rel=1e-3)
+    assert lr(cfg, 1000) == pytest.approx(0.0, abs=1e-12)
+    sft = base_config()
+    sft.train.steps = 100
+    sft.optim.update(dict(schedule="cosine", peak_lr=9.65e-6, final_lr_frac=0.1))
+    assert lr(sft, 0) == pytest.approx(9.65e-6)  # no warmup
+    assert lr(sft, 100) == pytest.approx(9.65e-7)
+
+
+def test_decay_mask_and_clipping():
+    cfg = base_config()
+    cfg.model.update(dict(vocab_size=11, context=8, n_layer=2, n_head=2, d_model=8, d_ff=16,
+                          scan_layers=True))
+    params = model.unbox(model.init_params(cfg.model, jax.random.key(0)))
+    mask = optim.decay_mask(params)
+    assert mask["wte"]["embedding"] and mask["h"]["layer_0"]["mlp"]["fc"]["kernel"]
+    assert not mask["h"]["layer_0"]["ln_1"]["scale"]  # stacked (layers, D) gain: no decay
+    assert not mask["h"]["layer_0"]["attn"]["qkv"]["bias"]
+    cfg.optim.update(dict(schedule="constant", peak_lr=0.1, weight_decay=0.5, grad_clip=1.0))
+    tx = optim.make_optimizer(cfg)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    # zero gradient: only decayed params move, by -lr * wd * w
+    np.testing.assert_allclose(updates["wte"]["embedding"],
+                               -0.1 * 0.5 * params["wte"]["embedding"], rtol=1e-5)
+    assert float(jnp.abs(updates["h"]["layer_0"]["ln_1"]["scale"]).max()) == 0.0
+
+
+def test_batch_ramp():
+    cfg = experiment("gpt3", "small")
+    m = cfg.train.microbatches
+    assert m == 16 and cfg.train.batch_size // m * cfg.model.context == 32768
+    assert int(optim.microbatches_at(cfg, 0)) == 1  # 32k tokens
+    full = cfg.train.batch_size * cfg.model.context
+    ramp_steps = 2 * 4e9 / (32768 + full)
+    assert int(optim.microbatches_at(cfg, int(ramp_steps) + 1)) == m
+    assert int(optim.microbatches_at(cfg, 10**7)) == m
+    counts = [int(optim.microbatches_at(cfg, s)) for s in range(0, int(ramp_steps) + 2, 50)]
+    assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == m
+    # tokens consumed by the ramp are about the configured 4B
+    used = sum(int(optim.microbatches_at(cfg, s)) for s in range(int(ramp_steps)))
+    assert used * 32768 == pytest.approx(4e9, rel=0.02)
+    cfg.optim.batch_ramp_tokens = 0
+    assert int(optim.microbatches_at(cfg, 0)) == m

@@ -1,0 +1,156 @@
+"""The training loop: exact resume after SIGKILL, SIGTERM checkpoints, guards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, run_python
+
+from gpt_jax import checkpoint, metrics, model
+
+CORPUS = os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
+
+
+def train_args(workdir, data_dir, steps=20, **overrides):
+    args = ["-m", "gpt_jax.train", "--config=experiments/tiny.py:char", f"--workdir={workdir}",
+            f"--config.train.steps={steps}", "--config.data.source=text",
+            f"--config.data.text_glob={CORPUS}", f"--config.data.data_dir={data_dir}",
+            "--config.model.context=32", "--config.model.n_layer=2", "--config.model.d_model=32",
+            "--config.model.n_head=2", "--config.model.d_ff=64", "--config.train.batch_size=4",
+            "--config.train.log_every=1", "--config.train.eval_every=10",
+            "--config.train.eval_batches=2", "--config.train.ckpt_every=10",
+            "--config.train.sample_tokens=8", "--config.model.resid_pdrop=0.1"]
+    return args + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if "loss" in r}
+
+
+def final_params(workdir):
+    cfg = checkpoint.read_config(workdir)
+    shapes = model.unbox(model.abstract_params(cfg.model))
+    params, meta = checkpoint.restore_params(workdir, shapes)
+    return meta["step"], jax.tree.leaves(params)
+
+
+# SIGKILL at step 13, once the (asynchronous) step-10 checkpoint is on disk.
+KILL_AT_13 = """
+import os, signal, sys, time
+from gpt_jax import train
+build = train.build_trainer
+workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
+def build_and_kill(*args, **kwargs):
+    trainer = build(*args, **kwargs)
+    step_fn = trainer.train_step
+    def step(state, *rest):
+        if int(state["step"]) == 13:
+            deadline = time.time() + 120
+            while not os.path.isdir(os.path.join(workdir, "checkpoints", "10")):
+                assert time.time() < deadline, "checkpoint 10 never appeared"
+                time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step_fn(state, *rest)
+    trainer.train_step = step
+    return trainer
+train.build_trainer = build_and_kill
+train.define_flags()
+from absl import app
+app.run(train.main, argv=["train"] + sys.argv[1:])
+"""
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+    data = tmp_path / "data"
+    straight = run_python(train_args(tmp_path / "straight", data))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "--- sample (greedy) ---" in straight.stdout
+
+    killed = run_python(["-c", KILL_AT_13] + train_args(tmp_path / "resumed", data)[2:])
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_python(train_args(tmp_path / "resumed", data))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step 10" in resumed.stdout
+
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    np.testing.assert_array_equal([a[s] for s in a], [b[s] for s in a])
+    step_a, params_a = final_params(tmp_path / "straight")
+    step_b, params_b = final_params(tmp_path / "resumed")
+    assert step_a == step_b == 20
+    for x, y in zip(params_a, params_b):
+        np.testing.assert_array_equal(x, y)
+    # the workdir holds what sampling and plotting need
+    names = set(os.listdir(tmp_path / "straight"))
+    assert {"config.json", "metrics.jsonl", "checkpoints", "tb"} <= names
+    rows = metrics.read_metrics(tmp_path / "straight")
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20] and evals[0]["eval_bpb"] > 0
+    train_row = next(r for r in rows if "loss" in r)
+    assert {"tokens", "lr", "grad_norm", "tokens_per_s", "step_time_s"} <= set(train_row)
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    workdir, data = tmp_path / "run", tmp_path / "data"
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable] + train_args(workdir, data, steps=100000,
+                                                          **{"train.ckpt_every": 100000}),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        path = workdir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert len(steps) == 1 and steps[0] >= 5
+    assert "sample" not in out  # a preempted run exits promptly
+
+
+def test_nonfinite_loss_stops_with_step(tmp_path):
+    out = run_python(train_args(tmp_path / "run", tmp_path / "data", steps=30,
+                                **{"optim.peak_lr": 1e12, "optim.grad_clip": 0.0,
+                                   "optim.warmup_steps": 0}))
+    assert out.returncode != 0
+    assert "loss became nan at step" in out.stderr or "loss became inf at step" in out.stderr
+
+
+def test_context_longer_than_corpus_fails_before_compiling(tmp_path):
+    for i in range(6):
+        (tmp_path / f"small{i}.txt").write_text("tiny corpus " * 10)
+    out = run_python(train_args(tmp_path / "run", tmp_path / "data", steps=2,
+                                **{"data.text_glob": str(tmp_path / "small*.txt"),
+                                   "data.val_fraction": 0.5,
+                                   "model.context": 512}))
+    assert out.returncode != 0
+    assert "model.context=512" in out.stderr
+
+
+def test_config_saved_is_resolved(tmp_path):
+    out = run_python(train_args(tmp_path / "run", tmp_path / "data", steps=2,
+                                **{"train.eval_every": 2, "train.ckpt_every": 2}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["steps"] == 2 and saved["model"]["context"] == 32
+
+
+@pytest.mark.parametrize("bad", ["model.n_head=5"])
+def test_bad_config_fails_fast(tmp_path, bad):
+    field, value = bad.split("=")
+    out = run_python(train_args(tmp_path / "run", tmp_path / "data", **{field: value}))
+    assert out.returncode != 0 and "model.d_model=32 is not divisible by model.n_head=5" in (
+        out.stderr)
