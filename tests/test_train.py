@@ -46,8 +46,8 @@ def final_params(workdir):
 # SIGKILL at step 13, once the (asynchronous) step-10 checkpoint is on disk.
 KILL_AT_13 = """
 import os, signal, sys, time
-from gpt_jax import train
-build = train.build_trainer
+from gpt_jax import loop, train
+build = loop.build_trainer
 workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
 def build_and_kill(*args, **kwargs):
     trainer = build(*args, **kwargs)
@@ -62,7 +62,7 @@ def build_and_kill(*args, **kwargs):
         return step_fn(state, *rest)
     trainer.train_step = step
     return trainer
-train.build_trainer = build_and_kill
+loop.build_trainer = build_and_kill
 train.define_flags()
 from absl import app
 app.run(train.main, argv=["train"] + sys.argv[1:])

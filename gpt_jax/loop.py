@@ -1,0 +1,222 @@
+"""The training loop every trainer shares: pretraining, fine-tuning, SFT, reward model.
+
+A trainer describes itself as a `Task` (params, loss, batches, evaluation);
+`run` does the rest the same way for all of them: sharded init or restore from
+the workdir's latest checkpoint, the jitted step, metrics.jsonl/TensorBoard,
+evaluation, asynchronous checkpoints (last `train.keep` plus the best by eval
+loss), SIGTERM -> checkpoint and exit 0, and a stop naming the step on a
+non-finite loss.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from gpt_jax import checkpoint as ckpt_lib
+from gpt_jax import model as model_lib
+from gpt_jax import optim, sharding, steps
+from gpt_jax.flops import device_peak_flops
+from gpt_jax.metrics import MetricsWriter
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss becomes NaN/inf; the last good checkpoint stays."""
+
+
+@dataclass
+class Task:
+    """What a trainer plugs into `run`.
+
+    `batch(step)` returns this host's slice of the step's batch as a pytree of
+    numpy arrays with a leading microbatch axis (M x local_batch x ...); it must
+    be a pure function of the step so a resumed run sees the same data.
+    `evaluate(params)` returns metrics, including `eval_loss` when it has one.
+    """
+
+    loss_fn: steps.LossFn
+    batch: Callable[[int], Any]
+    evaluate: Callable[[Any], dict[str, float]]
+    boxed_params: Any = None  # abstract params with logical axes; default: the GPT's
+    init_params: Callable[[jax.Array], Any] | None = None  # rng -> params; default: fresh GPT
+    tokens_per_step: int = 0
+    flops_per_token: float | None = None
+    extra_meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Trainer:
+    """Compiled steps and shardings for one config on one mesh."""
+
+    cfg: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    param_shardings: Any
+    opt_shardings: Any
+    abstract_params: Any
+    abstract_opt_state: Any
+    init_state: Callable
+    train_step: Callable
+
+
+def build_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  loss_fn: steps.LossFn | None = None, boxed_params: Any = None,
+                  init_params: Callable[[jax.Array], Any] | None = None) -> Trainer:
+    """Shardings from the logical-axis rules; jitted init and train step.
+
+    The train step's batch may be any pytree of arrays with a leading
+    microbatch axis; its batch dimension (axis 1) is sharded over `data`.
+    """
+    tx = optim.make_optimizer(cfg)
+    boxed_params = model_lib.abstract_params(cfg.model) if boxed_params is None else boxed_params
+    boxed_opt = jax.eval_shape(tx.init, boxed_params)
+    param_sh = sharding.tree_shardings(boxed_params, mesh, cfg)
+    opt_sh = sharding.tree_shardings(boxed_opt, mesh, cfg)
+    repl = sharding.replicated(mesh)
+    state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh}
+    if init_params is None:
+        def init_params(rng: jax.Array) -> Any:
+            return model_lib.unbox(model_lib.init_params(cfg.model, rng))
+
+    def init_state(rng: jax.Array) -> dict:
+        params = init_params(rng)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    # The batch keeps whatever (data-axis) sharding `host_local_to_global` gave it.
+    train_step = jax.jit(steps.make_train_step(loss_fn or steps.lm_loss_fn(cfg.model), tx),
+                         in_shardings=(state_sh, None, repl, repl),
+                         out_shardings=(state_sh, repl), donate_argnums=(0,))
+    return Trainer(cfg, mesh, param_sh, opt_sh, model_lib.unbox(boxed_params),
+                   model_lib.unbox(boxed_opt), jax.jit(init_state, out_shardings=state_sh),
+                   train_step)
+
+
+def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer) -> tuple[dict, dict]:
+    """(state, meta) from the latest checkpoint onto this mesh, or freshly initialised."""
+    step = ckpt.latest_step()
+    if step is None:
+        return trainer.init_state(jax.random.key(trainer.cfg.seed)), {}
+    restored = ckpt.restore(
+        step, ckpt_lib.abstract_with_shardings(trainer.abstract_params, trainer.param_shardings),
+        ckpt_lib.abstract_with_shardings(trainer.abstract_opt_state, trainer.opt_shardings))
+    meta = restored["meta"]
+    state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32),
+                                    sharding.replicated(trainer.mesh)),
+             "params": restored["params"], "opt_state": restored["opt_state"]}
+    if jax.process_index() == 0:
+        print(f"resuming from step {meta['step']} in {ckpt.directory}")
+    return state, meta
+
+
+def global_batch(local: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Each host's M x b x ... slices -> global arrays sharded over `data` on axis 1."""
+    return jax.tree.map(lambda x: sharding.host_local_to_global(x, mesh, batch_axis=1), local)
+
+
+class Preemption:
+    """SIGTERM sets a flag; all hosts agree on it at step boundaries."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        self.requested = True
+
+    def reached(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        flags_all = multihost_utils.process_allgather(np.asarray(self.requested))
+        return bool(np.any(flags_all))
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+        task: Task) -> tuple[dict, Any, bool]:
+    """Trains `task` to `train.steps`, resuming from `workdir`.
+
+    Returns (last logged metrics, final params, whether the run was preempted).
+    """
+    ckpt_lib.write_config(workdir, cfg)
+    trainer = build_trainer(cfg, mesh, task.loss_fn, task.boxed_params, task.init_params)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep)
+    state, _ = restore_or_init(trainer, ckpt)
+    start, t = int(state["step"]), cfg.train
+    writer = MetricsWriter(workdir)
+    preemption = Preemption()
+    rng = jax.random.key(cfg.seed + 1)
+    lr = optim.learning_rate_schedule(cfg)
+    peak = device_peak_flops()
+    progress = _progress_bar(start, t.steps)
+    pending: list[tuple[int, jax.Array]] = []
+    last_eval, last_eval_step = float("nan"), -1
+    final: dict = {}
+    tic, tic_step = time.perf_counter(), start
+
+    def check_losses() -> list[float]:
+        values = [float(v) for _, v in pending]
+        for (s, _), v in zip(pending, values):
+            if not math.isfinite(v):
+                ckpt.wait()
+                raise NonFiniteLossError(
+                    f"loss became {v} at step {s}; stopping. The last good checkpoint in "
+                    f"{ckpt.directory} is step {ckpt.latest_step()}. Try a lower optim.peak_lr "
+                    f"or a smaller optim.grad_clip.")
+        pending.clear()
+        return values
+
+    for step in range(start, t.steps):
+        batch = global_batch(task.batch(step), mesh)
+        state, metrics = trainer.train_step(state, batch, rng, optim.microbatches_at(cfg, step))
+        pending.append((step + 1, metrics["loss"]))
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            losses = check_losses()
+            step_time = (time.perf_counter() - tic) / (done - tic_step)
+            tic, tic_step = time.perf_counter(), done
+            tok_s = task.tokens_per_step / step_time
+            final = {"loss": losses[-1], "lr": float(lr(step)),
+                     "grad_norm": float(metrics["grad_norm"]),
+                     "tokens": done * task.tokens_per_step, "tokens_per_s": tok_s,
+                     "step_time_s": step_time,
+                     "mfu": None if peak is None or not task.flops_per_token else
+                     tok_s * task.flops_per_token / (peak * jax.device_count())}
+            writer.write(done, final)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tok_s:,.0f}")
+        if done % t.eval_every == 0 or done == t.steps:
+            evals = task.evaluate(state["params"])
+            last_eval, last_eval_step = evals.get("eval_loss", float("nan")), done
+            writer.write(done, {**evals, "tokens": done * task.tokens_per_step})
+            final.update(evals)
+            tic, tic_step = time.perf_counter(), done
+        progress.update(1)
+        stop = preemption.reached()
+        if done % t.ckpt_every == 0 or done == t.steps or stop:
+            check_losses()
+            meta = {"step": done, "data_step": done, "seed": cfg.seed, "data_seed": cfg.data.seed,
+                    **task.extra_meta}
+            ckpt.save(done, state["params"], state["opt_state"], meta,
+                      eval_loss=last_eval if last_eval_step == done else None, force=stop)
+        if stop:
+            logging.warning("SIGTERM: checkpointed step %d, exiting", done)
+            break
+    ckpt.close()
+    writer.close()
+    progress.close()
+    return final, state["params"], preemption.requested
+
+
+def _progress_bar(start: int, total: int) -> Any:
+    from tqdm import tqdm
+    return tqdm(initial=start, total=total, disable=jax.process_index() != 0,
+                dynamic_ncols=True, desc="train")
