@@ -53,7 +53,7 @@ def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
 class Checkpointer:
     """Keeps the last `keep` checkpoints plus the best by eval loss."""
 
-    def __init__(self, workdir: str, keep: int = 2, async_save: bool = True) -> None:
+    def __init__(self, workdir: str | os.PathLike, keep: int = 2, async_save: bool = True) -> None:
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=keep),
             pp.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
@@ -62,6 +62,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True)
+        workdir = os.fspath(workdir)
+        if "://" not in workdir:  # orbax wants absolute paths (gs:// ones already are)
+            workdir = os.path.abspath(workdir)
         self.directory = os.path.join(workdir, "checkpoints")
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 

@@ -140,10 +140,12 @@ def test_context_longer_than_corpus_fails_before_compiling(tmp_path):
     assert "model.context=512" in out.stderr
 
 
-def test_config_saved_is_resolved(tmp_path):
-    out = run_python(train_args(tmp_path / "run", tmp_path / "data", steps=2,
-                                **{"train.eval_every": 2, "train.ckpt_every": 2}))
+def test_relative_workdir_and_resolved_config(tmp_path):
+    args = train_args("run", "data", steps=2, **{"train.eval_every": 2, "train.ckpt_every": 2})
+    args[2] = f"--config={REPO}/experiments/tiny.py:char"
+    out = run_python(args, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["steps"] == 2 and saved["model"]["context"] == 32
 
