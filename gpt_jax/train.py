@@ -15,28 +15,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
+from gpt_jax import cli, loop, sample, sharding, steps
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
-from gpt_jax import loop, sample, sharding, steps
 from gpt_jax import model as model_lib
 from gpt_jax.flops import flops_per_token
-from gpt_jax.loop import NonFiniteLossError, build_trainer, restore_or_init  # noqa: F401
-
-
-def define_flags() -> None:
-    """CLI flags, defined only when run as a program so importing this module is free."""
-    config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-    flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
-    flags.DEFINE_string(
-        "coordinator_address", None,
-        "host:port of process 0 for multi-process runs; auto-detected on Cloud TPU VMs and SLURM.")
-    flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-    flags.DEFINE_integer("process_id", None, "This process's index.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    flags.FLAGS.set_default("verbosity", logging.WARNING)  # orbax logs every file at INFO
 
 
 def step_windows(cfg: ml_collections.ConfigDict, tokens: np.ndarray, step: int) -> np.ndarray:
@@ -105,11 +90,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    f = flags.FLAGS
-    sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
-    train(f.config, f.workdir)
+    cli.start()
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    define_flags()
+    cli.define_run_flags()
     app.run(main)

@@ -63,7 +63,8 @@ def build_and_kill(*args, **kwargs):
     trainer.train_step = step
     return trainer
 loop.build_trainer = build_and_kill
-train.define_flags()
+from gpt_jax import cli
+cli.define_run_flags()
 from absl import app
 app.run(train.main, argv=["train"] + sys.argv[1:])
 """

@@ -1,0 +1,38 @@
+"""Flags and start-up shared by the `python -m gpt_jax.<tool>` programs.
+
+Flags are defined by calling these from a tool's `if __name__ == "__main__":`
+block, so importing any module never defines flags.
+"""
+
+from __future__ import annotations
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+
+def define_run_flags(config_help: str = "Experiment config file.", init_from: bool = False) -> None:
+    """--config, --workdir (required), --init_from (if asked) and the multi-process flags."""
+    config_flags.DEFINE_config_file("config", None, config_help)
+    flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
+    required = ["config", "workdir"]
+    if init_from:
+        flags.DEFINE_string("init_from", None, "Workdir to initialise from (ours or converted).")
+        required.append("init_from")
+    flags.DEFINE_string(
+        "coordinator_address", None,
+        "host:port of process 0 for multi-process runs; auto-detected on Cloud TPU VMs and SLURM.")
+    flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index.")
+    flags.mark_flags_as_required(required)
+
+
+def start() -> None:
+    """Quiets INFO logs (orbax logs every file) unless --verbosity was given, and joins
+    the other processes of a multi-process run."""
+    from gpt_jax import sharding
+
+    f = flags.FLAGS
+    if not f["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if "coordinator_address" in f:
+        sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
