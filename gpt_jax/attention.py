@@ -7,9 +7,18 @@ Banded attention (Sparse Transformer "local" pattern, used by GPT-3's odd
 layers): query i sees key j iff 0 <= i - j < window. It is computed blockwise
 with blocks of `window` queries, each attending only to its own block and the
 one before, so cost and memory are O(T * window) instead of O(T^2).
+
+KV-cache decoding (`dense_decode`, `banded_decode`): T new tokens at once (the
+whole left-padded prompt, then one token per step) go to cache slots
+`index .. index+T-1`, the same slots for every row; row b's real tokens start at
+slot `pad_B[b]` and earlier (padding) slots are never attended. Dense layers keep
+every slot; banded layers keep only the last `window` keys in a ring buffer
+(slot s lives at s % window).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +95,55 @@ def banded_causal(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, *, windo
     out = attend(q_BxNxCxHxD.reshape(b * n, c, h, d), k_BxNx2CxHxD.reshape(b * n, 2 * c, h, d),
                  v_BxNx2CxHxD.reshape(b * n, 2 * c, h, d), mask, **kw)
     return out.reshape(b, n * c, h, d)[:, :t]
+
+
+class DecodeStep(NamedTuple):
+    """Where the new tokens of a decode call go: slots `index ..` (int32 scalar); row b's
+    first real token sits at slot `pad_B[b]` (int32 B), the slots before it are padding."""
+
+    index: Array
+    pad_B: Array
+
+
+def visible(q_slot_T: Array, k_slot_S: Array, pad_B: Array, window: int | None = None) -> Array:
+    """B x T x S: query slot may see key slot (causal, unpadded, inside the band if banded)."""
+    delta_TxS = q_slot_T[:, None] - k_slot_S[None, :]
+    ok_TxS = delta_TxS >= 0
+    if window is not None:
+        ok_TxS &= delta_TxS < window
+    return ok_TxS[None] & (k_slot_S[None, None, :] >= pad_B[:, None, None])
+
+
+def dense_decode(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, k_cache_BxSxHxD: Array,
+                 v_cache_BxSxHxD: Array, step: DecodeStep) -> tuple[Array, Array, Array]:
+    """Writes the new keys/values at slots index.. of a full-length cache and attends over
+    every visible slot. Returns (out BxTxHxD, updated key cache, updated value cache)."""
+    t, s = q_BxTxHxD.shape[1], k_cache_BxSxHxD.shape[1]
+    start = (0, step.index, 0, 0)
+    k_cache_BxSxHxD = jax.lax.dynamic_update_slice(
+        k_cache_BxSxHxD, k_BxTxHxD.astype(k_cache_BxSxHxD.dtype), start)
+    v_cache_BxSxHxD = jax.lax.dynamic_update_slice(
+        v_cache_BxSxHxD, v_BxTxHxD.astype(v_cache_BxSxHxD.dtype), start)
+    mask_BxTxS = visible(step.index + jnp.arange(t), jnp.arange(s), step.pad_B)
+    out = attend(q_BxTxHxD, k_cache_BxSxHxD, v_cache_BxSxHxD, mask_BxTxS)
+    return out, k_cache_BxSxHxD, v_cache_BxSxHxD
+
+
+def banded_decode(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, k_ring_BxWxHxD: Array,
+                  v_ring_BxWxHxD: Array, step: DecodeStep, *, window: int
+                  ) -> tuple[Array, Array, Array]:
+    """Banded attention over a ring buffer of the last W <= window slots plus the new ones;
+    then the ring keeps the newest W. Memory O(W) whatever the sequence length."""
+    t, w = q_BxTxHxD.shape[1], k_ring_BxWxHxD.shape[1]
+    ring_slot_W = step.index - w + (jnp.arange(w) - step.index) % w  # in [index - w, index)
+    new_slot_T = step.index + jnp.arange(t)
+    k_BxSxHxD = jnp.concatenate([k_ring_BxWxHxD, k_BxTxHxD.astype(k_ring_BxWxHxD.dtype)], 1)
+    v_BxSxHxD = jnp.concatenate([v_ring_BxWxHxD, v_BxTxHxD.astype(v_ring_BxWxHxD.dtype)], 1)
+    mask_BxTxS = visible(new_slot_T, jnp.concatenate([ring_slot_W, new_slot_T]), step.pad_B,
+                         window)
+    out = attend(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask_BxTxS)
+    n = min(t, w)  # only the newest w of the new slots survive
+    at_N = new_slot_T[t - n:] % w
+    k_ring_BxWxHxD = k_ring_BxWxHxD.at[:, at_N].set(k_BxSxHxD[:, w + t - n:])
+    v_ring_BxWxHxD = v_ring_BxWxHxD.at[:, at_N].set(v_BxSxHxD[:, w + t - n:])
+    return out, k_ring_BxWxHxD, v_ring_BxWxHxD

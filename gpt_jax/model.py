@@ -4,6 +4,11 @@
 Params are float32; matmuls run in `cfg.dtype`. Every parameter carries logical
 axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `position`, `layers`) which
 `sharding.py` maps to mesh axes; nothing here knows about devices.
+
+KV-cache decoding: `GPT(cfg).apply({'params': p, 'cache': c}, tokens_BxT,
+decode_step=attention.DecodeStep(index, pad_B), mutable=['cache'])` runs the
+tokens as cache slots `index ..` and returns (logits, {'cache': updated}); make
+`c` with `init_cache`. The training path (no `decode_step`) is unchanged.
 """
 
 from __future__ import annotations
@@ -62,9 +67,10 @@ class SelfAttention(nn.Module):
     cfg: ml_collections.ConfigDict
     banded: bool
     deterministic: bool
+    decode: bool = False  # keys/values go through the mutable 'cache' collection
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array) -> Array:
+    def __call__(self, x_BxTxD: Array, step: attention.DecodeStep | None = None) -> Array:
         cfg = self.cfg
         dtype, head_dim = DTYPES[cfg.dtype], cfg.d_model // cfg.n_head
         # One fused QKV projection, column-parallel over heads.
@@ -76,7 +82,9 @@ class SelfAttention(nn.Module):
         dropout = 0.0 if self.deterministic else cfg.attn_pdrop
         kw = dict(dropout_rate=dropout, implementation=cfg.attention_impl,
                   dropout_rng=self.make_rng("dropout") if dropout > 0 else None)
-        if self.banded:
+        if self.decode:
+            y_BxTxHxK = self._cached_attention(q, k, v, step)
+        elif self.banded:
             y_BxTxHxK = attention.banded_causal(q, k, v, window=cfg.window, **kw)
         else:
             y_BxTxHxK = attention.dense_causal(q, k, v, **kw)
@@ -85,6 +93,23 @@ class SelfAttention(nn.Module):
             cfg.d_model, axis=(-2, -1), dtype=dtype, name="proj",
             kernel_init=_init(residual_std(cfg), ("heads", "kv", "embed")),
             bias_init=_zeros(("embed",)))(y_BxTxHxK)
+
+    def _cached_attention(self, q_BxTxHxK: Array, k_BxTxHxK: Array, v_BxTxHxK: Array,
+                          step: attention.DecodeStep) -> Array:
+        """Cache sized on first use (by `init_cache`, T = cache length): a ring of
+        min(window, T) slots in banded layers, all T slots in dense ones."""
+        b, t, h, d = k_BxTxHxK.shape
+        size = min(self.cfg.window, t) if self.banded else t
+        zeros = functools.partial(jnp.zeros, (b, size, h, d), k_BxTxHxK.dtype)
+        k_cache = self.variable("cache", "cached_key", zeros)
+        v_cache = self.variable("cache", "cached_value", zeros)
+        if self.banded:
+            fn = functools.partial(attention.banded_decode, window=self.cfg.window)
+        else:
+            fn = attention.dense_decode
+        y_BxTxHxK, k_cache.value, v_cache.value = fn(
+            q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, k_cache.value, v_cache.value, step)
+        return y_BxTxHxK
 
 
 def residual_std(cfg: ml_collections.ConfigDict) -> float:
@@ -121,18 +146,19 @@ class Block(nn.Module):
     cfg: ml_collections.ConfigDict
     banded: bool
     deterministic: bool
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array) -> Array:
+    def __call__(self, x_BxTxD: Array, step: attention.DecodeStep | None = None) -> Array:
         cfg = self.cfg
-        attn = SelfAttention(cfg, self.banded, self.deterministic, name="attn")
+        attn = SelfAttention(cfg, self.banded, self.deterministic, self.decode, name="attn")
         mlp = MLP(cfg, name="mlp")
         drop = nn.Dropout(cfg.resid_pdrop, deterministic=self.deterministic)
         ln_1, ln_2 = layer_norm(cfg, "ln_1"), layer_norm(cfg, "ln_2")
         if cfg.norm == "pre":
-            x_BxTxD = x_BxTxD + drop(attn(ln_1(x_BxTxD)))
+            x_BxTxD = x_BxTxD + drop(attn(ln_1(x_BxTxD), step))
             return x_BxTxD + drop(mlp(ln_2(x_BxTxD)))
-        x_BxTxD = ln_1(x_BxTxD + drop(attn(x_BxTxD)))
+        x_BxTxD = ln_1(x_BxTxD + drop(attn(x_BxTxD, step)))
         return ln_2(x_BxTxD + drop(mlp(x_BxTxD)))
 
 
@@ -141,12 +167,19 @@ class LayerGroup(nn.Module):
 
     cfg: ml_collections.ConfigDict
     deterministic: bool
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, _: Any = None) -> tuple[Array, None]:
+    def __call__(self, x_BxTxD: Array, step: attention.DecodeStep | None = None
+                 ) -> tuple[Array, None]:
         for j in range(layer_period(self.cfg)):
-            x_BxTxD = _maybe_remat(Block, self.cfg)(
-                self.cfg, is_banded(self.cfg, j), self.deterministic, name=f"layer_{j}")(x_BxTxD)
+            if self.decode:  # inference: no remat (it only matters for gradients)
+                x_BxTxD = Block(self.cfg, is_banded(self.cfg, j), self.deterministic, True,
+                                name=f"layer_{j}")(x_BxTxD, step)
+            else:
+                x_BxTxD = _maybe_remat(Block, self.cfg)(
+                    self.cfg, is_banded(self.cfg, j), self.deterministic,
+                    name=f"layer_{j}")(x_BxTxD)
         return x_BxTxD, None
 
 
@@ -163,10 +196,18 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: Array, deterministic: bool = True,
-                 positions_BxT: Array | None = None, return_hidden: bool = False) -> Array:
+                 positions_BxT: Array | None = None, return_hidden: bool = False,
+                 decode_step: attention.DecodeStep | None = None) -> Array:
         """float32 logits BxTxV, or with `return_hidden` the final hidden states BxTxD
-        (after ln_f for pre-norm) in the compute dtype, for task and reward heads."""
+        (after ln_f for pre-norm) in the compute dtype, for task and reward heads.
+
+        With `decode_step` the tokens are cache slots `index ..` (KV-cache mode, see the
+        module docstring); positions default to each row's slot minus its padding."""
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
+        decode = decode_step is not None
+        if decode and positions_BxT is None:
+            slot_T = decode_step.index + jnp.arange(tokens_BxT.shape[1])
+            positions_BxT = jnp.maximum(slot_T[None, :] - decode_step.pad_B[:, None], 0)
         wte = nn.Embed(cfg.vocab_size, cfg.d_model, name="wte",
                        embedding_init=_init(cfg.init_std, ("vocab", "embed")))
         wpe = nn.Embed(cfg.context, cfg.d_model, name="wpe",
@@ -175,7 +216,18 @@ class GPT(nn.Module):
             positions_BxT = jnp.arange(tokens_BxT.shape[1])[None, :]
         x_BxTxD = wte(tokens_BxT) + wpe(positions_BxT)
         x_BxTxD = nn.Dropout(cfg.embd_pdrop, deterministic=deterministic)(x_BxTxD).astype(dtype)
-        if cfg.scan_layers:
+        if decode and cfg.scan_layers:  # the cache gets a leading layers axis, like params
+            x_BxTxD, _ = nn.scan(
+                LayerGroup, variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                length=cfg.n_layer // layer_period(cfg),
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, deterministic, True, name="h")(x_BxTxD, decode_step)
+        elif decode:
+            for i in range(cfg.n_layer):
+                x_BxTxD = Block(cfg, is_banded(cfg, i), deterministic, True,
+                                name=f"h_{i}")(x_BxTxD, decode_step)
+        elif cfg.scan_layers:
             x_BxTxD, _ = nn.scan(
                 _maybe_remat(LayerGroup, cfg), variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
@@ -190,15 +242,33 @@ class GPT(nn.Module):
             x_BxTxD = layer_norm(cfg, "ln_f")(x_BxTxD)
         if return_hidden:
             return x_BxTxD
-        # Tied unembedding; accumulate and return float32 logits.
-        return jnp.einsum("btd,vd->btv", x_BxTxD.astype(dtype), wte.embedding.astype(dtype),
-                          preferred_element_type=jnp.float32)
+        return unembed(x_BxTxD, wte.embedding, cfg)
+
+
+def unembed(x_BxTxD: Array, embedding_VxD: Array, cfg: ml_collections.ConfigDict) -> Array:
+    """Tied unembedding in the compute dtype, accumulated and returned in float32."""
+    dtype = DTYPES[cfg.dtype]
+    return jnp.einsum("btd,vd->btv", x_BxTxD.astype(dtype), embedding_VxD.astype(dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def init_params(cfg: ml_collections.ConfigDict, rng: Array) -> Any:
     """Boxed (logically partitioned) params for the `model` section `cfg`."""
     tokens = jnp.zeros((1, min(cfg.context, 8)), jnp.int32)
     return GPT(cfg).init({"params": rng}, tokens)["params"]
+
+
+def init_cache(cfg: ml_collections.ConfigDict, batch: int, length: int) -> Any:
+    """A zeroed KV cache (the 'cache' collection) for `batch` rows of `length` slots:
+    per layer `cached_key`/`cached_value` B x S x H x K, S = length in dense layers and
+    min(window, length) in banded ones (a ring buffer); stacked over layers with scan."""
+    def collection(params: Any) -> Any:
+        step = attention.DecodeStep(jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+        _, out = GPT(cfg).apply({"params": params}, jnp.zeros((batch, length), jnp.int32),
+                                decode_step=step, mutable=["cache"])
+        return out["cache"]
+    shapes = jax.eval_shape(collection, unbox(abstract_params(cfg)))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def abstract_params(cfg: ml_collections.ConfigDict) -> Any:

@@ -1,32 +1,402 @@
-"""Sampling from a trained model."""
+"""Sampling: KV-cache decoding, logit processors, and the `python -m gpt_jax.sample` CLI.
+
+    python -m gpt_jax.sample --workdir=runs/tiny --prompt="def " --temperature=0.8 \\
+        --top_p=0.95 --num_samples=4 [--stream] [--prompt_file=prompts.txt]
+
+Decoding: prompts are left-padded to a bucket of P slots (row b's real tokens start at
+slot pad_B[b], its first one at position 0), prefilled in one pass, then one token per
+step inside `jax.lax.while_loop`, all jitted with fixed shapes: the token buffer and the
+KV cache hold P + max_new_tokens slots, so nothing recompiles per prompt length. A row
+stops at `eot_id` (later slots are filled with it); the loop stops when every row has.
+
+Logit processors are pure functions, applied in HF transformers' order (PAPERS.md):
+repetition penalty, no-repeat n-gram, temperature, top-k, top-p; temperature 0 is greedy.
+Padding never counts for the penalty or n-grams. Randomness: row r's token number i is
+drawn with `fold_in(fold_in(key(seed), r), i)`, so a seed fixes every row's tokens
+whatever the batch, the prompt bucket or streaming.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from gpt_jax import attention
 from gpt_jax import model as model_lib
+
+Array = jax.Array
+BUCKET = 32  # prompt slots are rounded up to a multiple of this
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Logit processing; the defaults leave the model's distribution unchanged."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    no_repeat_ngram_size: int = 0  # 0: off
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size={self.no_repeat_ngram_size} must be >= 0")
+
+
+# ---------------------------------------------------------------- logit processors
+# Row b's sequence so far is seq_BxS[b, start_B[b]:end]: slots before start_B are padding.
+
+def _valid_BxS(seq_BxS: Array, start_B: Array, end: Array | int) -> Array:
+    slot_S = jnp.arange(seq_BxS.shape[1])
+    return (slot_S[None, :] >= start_B[:, None]) & (slot_S[None, :] < end)
+
+
+def _scatter_any(tokens_BxN: Array, flags_BxN: Array, vocab: int) -> Array:
+    """B x V: True at every token whose flag is set."""
+    rows_Bx1 = jnp.arange(tokens_BxN.shape[0])[:, None]
+    counts_BxV = jnp.zeros((tokens_BxN.shape[0], vocab), jnp.int32)
+    return counts_BxV.at[rows_Bx1, tokens_BxN].add(flags_BxN.astype(jnp.int32)) > 0
+
+
+def repetition_penalty(logits_BxV: Array, seq_BxS: Array, start_B: Array, end: Array | int,
+                       theta: float) -> Array:
+    """CTRL: every distinct token of the sequence gets logit / theta if positive, else * theta."""
+    seen_BxV = _scatter_any(seq_BxS, _valid_BxS(seq_BxS, start_B, end), logits_BxV.shape[-1])
+    penalised_BxV = jnp.where(logits_BxV > 0, logits_BxV / theta, logits_BxV * theta)
+    return jnp.where(seen_BxV, penalised_BxV, logits_BxV)
+
+
+def no_repeat_ngram(logits_BxV: Array, seq_BxS: Array, start_B: Array, end: Array | int,
+                    n: int) -> Array:
+    """Bans the n-th token of every earlier n-gram whose first n-1 tokens equal the last n-1."""
+    b, s = seq_BxS.shape
+    m = s - n + 1  # candidate n-gram starts j = 0 .. s-n
+    if n <= 0 or m <= 0:
+        return logits_BxV
+    start_M = jnp.arange(m)
+    match_BxM = (start_M[None, :] >= start_B[:, None]) & (start_M[None, :] + n - 1 < end)
+    if n > 1:
+        last_BxN = jax.lax.dynamic_slice_in_dim(seq_BxS, jnp.maximum(end - (n - 1), 0), n - 1, 1)
+        match_BxM &= (end - start_B >= n - 1)[:, None]  # the last n-1 tokens are all real
+        for k in range(n - 1):
+            match_BxM &= seq_BxS[:, k:k + m] == last_BxN[:, k:k + 1]
+    banned_BxV = _scatter_any(seq_BxS[:, n - 1:], match_BxM, logits_BxV.shape[-1])
+    return jnp.where(banned_BxV, -jnp.inf, logits_BxV)
+
+
+def temperature(logits_BxV: Array, t: float) -> Array:
+    return logits_BxV / t
+
+
+def top_k(logits_BxV: Array, k: int) -> Array:
+    """Keeps logits >= the k-th largest (ties with it included); k = 0 keeps all."""
+    if k <= 0 or k >= logits_BxV.shape[-1]:
+        return logits_BxV
+    kth_Bx1 = jax.lax.top_k(logits_BxV, k)[0][:, -1:]
+    return jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+
+
+def top_p(logits_BxV: Array, p: float) -> Array:
+    """Nucleus: keeps the most likely tokens until their mass reaches p, the token that
+    crosses p included (so at least one), plus any tied with it; p = 1 keeps all."""
+    if p >= 1.0:
+        return logits_BxV
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass of the more likely ones
+    count_Bx1 = jnp.maximum(jnp.sum(before_BxV < p, axis=-1, keepdims=True), 1)
+    cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, count_Bx1 - 1, axis=-1)
+    return jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+
+
+def process_logits(logits_BxV: Array, seq_BxS: Array, start_B: Array, end: Array | int,
+                   cfg: SamplingConfig) -> Array:
+    """All processors in the conventional order (temperature/top-k/top-p skipped if greedy)."""
+    if cfg.repetition_penalty != 1.0:
+        logits_BxV = repetition_penalty(logits_BxV, seq_BxS, start_B, end, cfg.repetition_penalty)
+    if cfg.no_repeat_ngram_size:
+        logits_BxV = no_repeat_ngram(logits_BxV, seq_BxS, start_B, end, cfg.no_repeat_ngram_size)
+    if cfg.temperature > 0:
+        logits_BxV = top_p(top_k(temperature(logits_BxV, cfg.temperature), cfg.top_k), cfg.top_p)
+    return logits_BxV
+
+
+def choose(logits_BxV: Array, keys_B: Array, cfg: SamplingConfig) -> Array:
+    """Next tokens (int32 B) from processed logits: argmax if greedy, else one draw per row."""
+    if cfg.temperature == 0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- KV-cache decoding
+
+class DecodeState(NamedTuple):
+    """The loop carry. Slots [0, P) hold the left-padded prompts, generated tokens follow."""
+
+    seq_BxS: Array  # int32 token buffer, S = P + max_new_tokens
+    pad_B: Array  # padding slots before each row's first real token
+    length: Array  # slots filled so far (int32 scalar)
+    done_B: Array  # the row has produced eot
+    cache: Any  # the model's 'cache' collection
+    keys_B: Array  # per-row base PRNG keys
+
+
+class Decoder(NamedTuple):
+    """Jitted functions for one (model, processors, P, max_new_tokens, eot) choice.
+
+    start(params, tokens_BxP, pad_B, keys_B) -> state: prefill + the first token.
+    advance(params, state, until) -> state: generates until `until` tokens (dynamic) exist.
+    generate(params, tokens_BxP, pad_B, keys_B) -> state: both, max_new_tokens in all.
+    """
+
+    start: Callable[..., DecodeState]
+    advance: Callable[..., DecodeState]
+    generate: Callable[..., DecodeState]
+    prompt_len: int
+    max_new_tokens: int
+
+
+def make_decoder(model_cfg: ml_collections.ConfigDict, cfg: SamplingConfig, prompt_len: int,
+                 max_new_tokens: int, eot_id: int, vocab: int | None = None) -> Decoder:
+    """A KV-cache decoder for P = `prompt_len` prompt slots; needs P + max_new <= context.
+    Only ids < `vocab` (the tokenizer's; default all the model's) are ever chosen."""
+    p, n = prompt_len, max_new_tokens
+    if p < 1 or n < 1 or p + n > model_cfg.context:
+        raise ValueError(f"prompt slots {p} + max_new_tokens {n} must fit the context "
+                         f"({model_cfg.context}), each at least 1")
+    net = model_lib.GPT(model_cfg)
+
+    def emit(state: DecodeState, logits_BxV: Array) -> DecodeState:
+        """Chooses the token of slot `length` from the logits of slot `length - 1`."""
+        if vocab is not None and vocab < logits_BxV.shape[-1]:
+            logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab, logits_BxV, -jnp.inf)
+        logits_BxV = process_logits(logits_BxV, state.seq_BxS, state.pad_B, state.length, cfg)
+        keys_B = jax.vmap(jax.random.fold_in, (0, None))(state.keys_B, state.length - p)
+        tok_B = jnp.where(state.done_B, eot_id, choose(logits_BxV, keys_B, cfg))
+        seq_BxS = jax.lax.dynamic_update_slice(state.seq_BxS, tok_B[:, None], (0, state.length))
+        return state._replace(seq_BxS=seq_BxS, length=state.length + 1,
+                              done_B=state.done_B | (tok_B == eot_id))
+
+    def start(params: Any, tokens_BxP: Array, pad_B: Array, keys_B: Array) -> DecodeState:
+        b = tokens_BxP.shape[0]
+        step = attention.DecodeStep(jnp.zeros((), jnp.int32), pad_B)
+        logits_BxPxV, out = net.apply(
+            {"params": params, "cache": model_lib.init_cache(model_cfg, b, p + n)},
+            tokens_BxP, decode_step=step, mutable=["cache"])
+        seq_BxS = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(tokens_BxP)
+        state = DecodeState(seq_BxS, pad_B, jnp.asarray(p, jnp.int32), jnp.zeros(b, bool),
+                            out["cache"], keys_B)
+        return emit(state, logits_BxPxV[:, -1])
+
+    def step(params: Any, state: DecodeState) -> DecodeState:
+        last = state.length - 1
+        tok_Bx1 = jax.lax.dynamic_slice_in_dim(state.seq_BxS, last, 1, axis=1)
+        logits_Bx1xV, out = net.apply(
+            {"params": params, "cache": state.cache}, tok_Bx1,
+            decode_step=attention.DecodeStep(last, state.pad_B), mutable=["cache"])
+        return emit(state._replace(cache=out["cache"]), logits_Bx1xV[:, 0])
+
+    def advance(params: Any, state: DecodeState, until: Array | int) -> DecodeState:
+        stop = p + jnp.minimum(until, n)
+        return jax.lax.while_loop(
+            lambda s: (s.length < stop) & ~jnp.all(s.done_B),
+            lambda s: step(params, s), state)
+
+    def generate(params: Any, tokens_BxP: Array, pad_B: Array, keys_B: Array) -> DecodeState:
+        return advance(params, start(params, tokens_BxP, pad_B, keys_B), n)
+
+    return Decoder(jax.jit(start), jax.jit(advance), jax.jit(generate), p, n)
+
+
+def decoder(model_cfg: ml_collections.ConfigDict, cfg: SamplingConfig, prompt_len: int,
+            max_new_tokens: int, eot_id: int, vocab: int | None = None) -> Decoder:
+    """`make_decoder`, memoised so repeated calls reuse the compiled functions."""
+    return _decoder(model_cfg.to_json(), cfg, prompt_len, max_new_tokens, eot_id, vocab)
+
+
+@functools.lru_cache(maxsize=16)
+def _decoder(model_json: str, cfg: SamplingConfig, prompt_len: int, max_new_tokens: int,
+             eot_id: int, vocab: int | None) -> Decoder:
+    model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+    return make_decoder(model_cfg, cfg, prompt_len, max_new_tokens, eot_id, vocab)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens BxP, pad_B): each prompt's last `length` tokens, right-aligned in P slots."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    pad = np.zeros(len(prompts), np.int32)
+    for i, ids in enumerate(prompts):
+        ids = list(ids)[-length:]
+        tokens[i, length - len(ids):] = ids
+        pad[i] = length - len(ids)
+    return tokens, pad
+
+
+def plan(prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int) -> tuple[int, int]:
+    """(prompt slots P, new tokens N): N <= context - 1, P the longest prompt rounded up to
+    BUCKET, cut to context - N (longer prompts keep their last P tokens)."""
+    n = max(1, min(max_new_tokens, context - 1))
+    longest = max(1, max(len(ids) for ids in prompts))
+    return min(-(-longest // BUCKET) * BUCKET, context - n), n
+
+
+def row_keys(seed: int, rows: int, first_row: int = 0) -> Array:
+    return jax.vmap(jax.random.fold_in, (None, 0))(
+        jax.random.key(seed), jnp.arange(first_row, first_row + rows))
+
+
+def generated(state: DecodeState, prompt_len: int, eot_id: int) -> list[list[int]]:
+    """Each row's generated tokens so far, up to (not including) its eot."""
+    out = []
+    for row in np.asarray(jax.device_get(state.seq_BxS))[:, prompt_len:int(state.length)]:
+        ids = row.tolist()
+        out.append(ids[:ids.index(eot_id)] if eot_id in ids else ids)
+    return out
+
+
+def generate_stream(model_cfg: ml_collections.ConfigDict, params: Any,
+                    prompts: Sequence[Sequence[int]], cfg: SamplingConfig, max_new_tokens: int,
+                    eot_id: int, seed: int = 0, chunk: int = 8, first_row: int = 0,
+                    vocab: int | None = None) -> Iterator[list[list[int]]]:
+    """Yields every row's generated tokens so far after the first token and every `chunk`
+    more (one compiled chunk function, called in a Python loop). Rows draw with the keys of
+    rows `first_row ..` of a batch, so streaming one prompt of a batch gives its tokens."""
+    prompts = [list(ids) or [eot_id] for ids in prompts]
+    p, n = plan(prompts, max_new_tokens, model_cfg.context)
+    dec = decoder(model_cfg, cfg, p, n, eot_id, vocab)
+    tokens_BxP, pad_B = pad_prompts(prompts, p)
+    state = dec.start(params, tokens_BxP, pad_B, row_keys(seed, len(prompts), first_row))
+    yield generated(state, p, eot_id)
+    made = 1
+    while made < n and not bool(jnp.all(state.done_B)):
+        made = min(made + chunk, n)
+        state = dec.advance(params, state, made)
+        yield generated(state, p, eot_id)
+
+
+def generate(model_cfg: ml_collections.ConfigDict, params: Any,
+             prompts: Sequence[Sequence[int]], cfg: SamplingConfig, max_new_tokens: int,
+             eot_id: int, seed: int = 0, vocab: int | None = None) -> list[list[int]]:
+    """Generated token ids (without the eot) for each prompt, in one jitted call."""
+    prompts = [list(ids) or [eot_id] for ids in prompts]
+    p, n = plan(prompts, max_new_tokens, model_cfg.context)
+    dec = decoder(model_cfg, cfg, p, n, eot_id, vocab)
+    tokens_BxP, pad_B = pad_prompts(prompts, p)
+    return generated(dec.generate(params, tokens_BxP, pad_B, row_keys(seed, len(prompts))),
+                     p, eot_id)
+
+
+def sample_text(model_cfg: ml_collections.ConfigDict, params: Any, tokenizer: Any,
+                prompt: str, max_new_tokens: int, cfg: SamplingConfig, seed: int = 0) -> str:
+    """Prompt + one sampled continuation (KV-cache decoding, stops at end of text)."""
+    ids = tokenizer.encode(prompt)
+    new = generate(model_cfg, params, [ids], cfg, max_new_tokens, tokenizer.eot_id, seed=seed,
+                   vocab=tokenizer.vocab_size)[0]
+    return tokenizer.decode(ids + new)
 
 
 def greedy_text(model_cfg: ml_collections.ConfigDict, params: Any, tokenizer: Any,
                 prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt` (full recompute in a fixed-size buffer)."""
-    net = model_lib.GPT(model_cfg)
-    ids = tokenizer.encode(prompt)[-(model_cfg.context - 1):] or [tokenizer.eot_id]
-    n = min(max_new_tokens, model_cfg.context - len(ids))
-    buf = jnp.zeros((1, model_cfg.context), jnp.int32).at[0, :len(ids)].set(jnp.asarray(ids))
+    """Prompt + its greedy continuation."""
+    return sample_text(model_cfg, params, tokenizer, prompt, max_new_tokens,
+                       SamplingConfig(temperature=0.0))
 
-    @jax.jit
-    def generate(params: Any, buf: jax.Array) -> jax.Array:
-        def body(i: jax.Array, buf: jax.Array) -> jax.Array:
-            pos = len(ids) + i
-            logits = net.apply({"params": params}, buf)
-            nxt = jnp.argmax(logits[0, pos - 1]).astype(jnp.int32)
-            return buf.at[0, pos].set(nxt)
-        return jax.lax.fori_loop(0, n, body, buf)
 
-    out = [int(t) for t in jax.device_get(generate(params, buf))[0, :len(ids) + n]]
-    return tokenizer.decode(out)
+# ---------------------------------------------------------------- CLI
+
+def define_flags() -> None:
+    """CLI flags, defined only when run as a program so importing this module is free."""
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "Training run directory (config, tokenizer, checkpoints).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+    flags.DEFINE_string("prompt", "", "Prompt text.")
+    flags.DEFINE_string("prompt_file", None, "File of prompts, one per line (overrides --prompt).")
+    flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+    flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate (at most context - 1).")
+    flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy.")
+    flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0 = off).")
+    flags.DEFINE_float("repetition_penalty", 1.0, "CTRL repetition penalty (1.0 = off).")
+    flags.DEFINE_integer("no_repeat_ngram_size", 0, "Never repeat an n-gram of this size.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_bool("stream", False, "Print tokens as they are produced (sample by sample).")
+    flags.DEFINE_integer("stream_chunk", 4, "Tokens per jitted call when streaming.")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def load(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, Any]:
+    """(config, params on the config's mesh, tokenizer) of a workdir's checkpoint; on a
+    machine whose devices do not fit that mesh, params are replicated instead."""
+    from gpt_jax import checkpoint, sharding
+    from gpt_jax.config import ConfigError
+    from gpt_jax.tokenizer import load_tokenizer
+    cfg = checkpoint.read_config(workdir)
+    try:
+        mesh = sharding.make_mesh(cfg)
+    except ConfigError as e:
+        print(f"note: {e}; sampling with mesh.data=-1, mesh.model=1", file=sys.stderr)
+        cfg.mesh.data, cfg.mesh.model, cfg.mesh.dcn_data = -1, 1, 1
+        mesh = sharding.make_mesh(cfg)
+    boxed = model_lib.abstract_params(cfg.model)
+    abstract = checkpoint.abstract_with_shardings(
+        model_lib.unbox(boxed), sharding.tree_shardings(boxed, mesh, cfg))
+    params, _ = checkpoint.restore_params(workdir, abstract, step)
+    return cfg, params, load_tokenizer(workdir)
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags, logging
+    del argv
+    f = flags.FLAGS
+    if not f["verbosity"].present:  # orbax logs every file at INFO
+        logging.set_verbosity("warning")
+    cfg, params, tok = load(f.workdir, f.step)
+    if f.prompt_file:
+        with open(f.prompt_file) as fh:
+            texts = [line.rstrip("\n") for line in fh if line.strip()]
+    else:
+        texts = [f.prompt.replace("\\n", "\n")]  # a literal \n in --prompt is a newline
+    sampling = SamplingConfig(f.temperature, f.top_k, f.top_p, f.repetition_penalty,
+                              f.no_repeat_ngram_size)
+    rows = [(text, tok.encode(text)) for text in texts for _ in range(f.num_samples)]
+    if not f.stream:
+        outs = generate(cfg.model, params, [ids for _, ids in rows], sampling,
+                        f.max_new_tokens, tok.eot_id, f.seed, tok.vocab_size)
+        for i, ((text, _), new) in enumerate(zip(rows, outs)):
+            print(f"--- sample {i} ---\n{text}{tok.decode(new)}")
+        return
+    for i, (text, ids) in enumerate(rows):  # one row at a time; row keys as in a batch
+        print(f"--- sample {i} ---\n{text}", end="", flush=True)
+        shown = ""
+        for outs in generate_stream(cfg.model, params, [ids], sampling, f.max_new_tokens,
+                                    tok.eot_id, f.seed, f.stream_chunk, first_row=i,
+                                    vocab=tok.vocab_size):
+            piece = tok.decode(outs[0])
+            sys.stdout.write(piece[len(shown):])
+            sys.stdout.flush()
+            shown = piece
+        print()
+
+
+if __name__ == "__main__":
+    from absl import app
+    define_flags()
+    app.run(main)
