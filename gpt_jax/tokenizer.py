@@ -1,10 +1,12 @@
 """Tokenizers behind one small interface: encode, decode, eot_id, vocab_size, fingerprint.
 
-Three kinds, chosen by `data.tokenizer`:
+Four kinds, chosen by `data.tokenizer`:
 - 'sentencepiece': a BPE vocabulary of `model.vocab_size` pieces trained on a seeded sample of
   the training split, with byte fallback so every UTF-8 string round-trips exactly.
 - 'char': the sorted characters of the training split, for tiny experiments.
 - 'file': an existing sentencepiece `.model` (`data.tokenizer_path`).
+- 'gpt2': GPT-2's byte-level BPE from a directory holding `vocab.json` and `merges.txt`
+  (`data.tokenizer_path`; what `gpt_jax.convert` copies into a workdir).
 
 End of text: every tokenizer has an `eot_id` that `encode` never produces from text (so a
 literal "<|endoftext|>" inside a document stays ordinary text); data.py inserts it between
@@ -33,6 +35,8 @@ from gpt_jax.config import ConfigError
 EOT = "<|endoftext|>"
 MODEL_FILE = "tokenizer.model"  # the file names `Tokenizer.save` writes in a directory
 CHAR_FILE = "tokenizer.json"
+GPT2_VOCAB_FILE = "vocab.json"  # GPT-2 BPE: these two files, as Hugging Face stores them
+GPT2_MERGES_FILE = "merges.txt"
 SPM_THREADS = 4  # fixed so training is reproducible whatever the machine
 SPM_MAX_SENTENCE_BYTES = 8192
 SENTENCE_CHARS = 2000  # training sentences are chunks of whole lines of about this size
@@ -60,7 +64,7 @@ def _sha256(data: bytes) -> str:
 class Tokenizer(abc.ABC):
     """The interface every tokenizer implements.
 
-    Attributes: `kind` ('sentencepiece' or 'char'), `eot_id`, `vocab_size` (ids lie in
+    Attributes: `kind` ('sentencepiece', 'char' or 'gpt2'), `eot_id`, `vocab_size` (ids lie in
     [0, vocab_size)), `fingerprint` (sha256 of the serialized vocabulary; identifies it).
     """
 
@@ -184,10 +188,122 @@ class CharTokenizer(Tokenizer):
         return json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=True).encode()
 
 
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's byte-level BPE (Radford et al. 2019), read from `vocab.json` + `merges.txt`.
+
+    Text is split by GPT-2's pre-tokenization regex, each piece's UTF-8 bytes are mapped to
+    printable characters (`bytes_to_unicode`) and merged by rank; decoding inverts the byte
+    map, so every UTF-8 string round-trips exactly. `eot_id` is the id of '<|endoftext|>'
+    (one past the vocabulary if it has none); `encode` treats that string in text as text.
+    """
+
+    kind = "gpt2"
+    file_name = GPT2_VOCAB_FILE
+    CACHE_SIZE = 1 << 16
+    PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
+               r"""|\s+(?!\S)|\s+""")
+
+    def __init__(self, vocab_json: bytes, merges_txt: bytes):
+        import regex  # third-party: the pattern needs \p{L} / \p{N}
+
+        self._vocab_bytes, self._merges_bytes = bytes(vocab_json), bytes(merges_txt)
+        self.encoder: dict[str, int] = json.loads(self._vocab_bytes.decode("utf-8"))
+        self.decoder = {i: piece for piece, i in self.encoder.items()}
+        lines = self._merges_bytes.decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines
+                  if line.strip() and not line.startswith("#version")]
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self._pattern = regex.compile(self.PATTERN)
+        self._cache: dict[str, list[int]] = {}
+        self.vocab_size = max(self.encoder.values(), default=-1) + 1
+        if EOT in self.encoder:
+            self.eot_id = self.encoder[EOT]
+        else:
+            self.eot_id, self.vocab_size = self.vocab_size, self.vocab_size + 1
+        self.fingerprint = _sha256(self.serialize())
+
+    @classmethod
+    def from_directory(cls, directory: str) -> GPT2Tokenizer:
+        paths = [os.path.join(directory, n) for n in (GPT2_VOCAB_FILE, GPT2_MERGES_FILE)]
+        for p in paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"GPT-2 tokenizer file {p} does not exist")
+        with open(paths[0], "rb") as v, open(paths[1], "rb") as m:
+            return cls(v.read(), m.read())
+
+    def _bpe(self, piece: str) -> list[int]:
+        """Ids of one pre-tokenized piece (its bytes already mapped to characters)."""
+        cached = self._cache.get(piece)
+        if cached is not None:
+            return cached
+        word = list(piece)
+        while len(word) > 1:
+            pairs = {(a, b) for a, b in zip(word, word[1:])}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        try:
+            ids = [self.encoder[w] for w in word]
+        except KeyError as e:
+            raise ValueError(f"GPT-2 vocabulary has no entry for {e.args[0]!r} (a vocabulary "
+                             "without all 256 byte symbols?)") from None
+        if len(self._cache) >= self.CACHE_SIZE:
+            self._cache.clear()
+        self._cache[piece] = ids
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in self._pattern.findall(text):
+            ids.extend(self._bpe("".join(self.byte_encoder[b] for b in piece.encode("utf-8"))))
+        return ids
+
+    def _decode_text(self, ids: list[int]) -> str:
+        chars = "".join(self.decoder.get(i, "") for i in ids)
+        return bytes(self.byte_decoder[c] for c in chars).decode("utf-8", errors="replace")
+
+    def serialize(self) -> bytes:
+        return json.dumps({"kind": "gpt2", "vocab": self._vocab_bytes.decode("utf-8"),
+                           "merges": self._merges_bytes.decode("utf-8")}).encode()
+
+    def save(self, directory: str) -> str:
+        """Writes `vocab.json` and `merges.txt` (as read) into `directory`; returns the first."""
+        atomic_write_bytes(os.path.join(directory, GPT2_MERGES_FILE), self._merges_bytes)
+        path = os.path.join(directory, GPT2_VOCAB_FILE)
+        atomic_write_bytes(path, self._vocab_bytes)
+        return path
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
 def load_tokenizer_bytes(data: bytes, file_name: str) -> Tokenizer:
     """Rebuilds a tokenizer from `serialize()` bytes; `file_name` says which kind they are."""
     if file_name.endswith(".json"):
         spec = json.loads(data)
+        if spec.get("kind") == "gpt2":
+            return GPT2Tokenizer(spec["vocab"].encode(), spec["merges"].encode())
         if spec.get("kind") != "char":
             raise ValueError(f"{file_name}: not a char tokenizer (kind={spec.get('kind')!r})")
         return CharTokenizer(spec["chars"])
@@ -195,14 +311,18 @@ def load_tokenizer_bytes(data: bytes, file_name: str) -> Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Loads a tokenizer from a `.model`/`.json` file or a directory holding one (a workdir)."""
+    """Loads a tokenizer from a `.model`/`.json` file or a directory holding one (a workdir);
+    GPT-2 BPE from a directory (or its `vocab.json`) with `vocab.json` and `merges.txt`."""
     if os.path.isdir(path):
-        for name in (MODEL_FILE, CHAR_FILE):
+        for name in (MODEL_FILE, CHAR_FILE, GPT2_VOCAB_FILE):
             if os.path.exists(os.path.join(path, name)):
                 return load_tokenizer(os.path.join(path, name))
-        raise FileNotFoundError(f"no {MODEL_FILE} or {CHAR_FILE} in directory {path}")
+        raise FileNotFoundError(f"no {MODEL_FILE}, {CHAR_FILE} or {GPT2_VOCAB_FILE} + "
+                                f"{GPT2_MERGES_FILE} in directory {path}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    if os.path.basename(path) == GPT2_VOCAB_FILE:
+        return GPT2Tokenizer.from_directory(os.path.dirname(path))
     with open(path, "rb") as f:
         return load_tokenizer_bytes(f.read(), os.path.basename(path))
 
@@ -307,6 +427,16 @@ def from_config(cfg: ml_collections.ConfigDict, corpus_key: str,
                 f"data.tokenizer_path={d.tokenizer_path!r} is not an existing sentencepiece "
                 ".model file (data.tokenizer='file')")
         tok = load_tokenizer(d.tokenizer_path)
+    elif d.tokenizer == "gpt2":
+        path = d.tokenizer_path
+        if os.path.isfile(path) and os.path.basename(path) == GPT2_VOCAB_FILE:
+            path = os.path.dirname(path)
+        if not path or not all(os.path.isfile(os.path.join(path, n))
+                               for n in (GPT2_VOCAB_FILE, GPT2_MERGES_FILE)):
+            raise ConfigError(
+                f"data.tokenizer_path={d.tokenizer_path!r} is not a directory holding "
+                f"{GPT2_VOCAB_FILE} and {GPT2_MERGES_FILE} (data.tokenizer='gpt2')")
+        tok = GPT2Tokenizer.from_directory(path)
     elif d.tokenizer in ("sentencepiece", "char"):
         path = tokenizer_file(cfg, corpus_key)
         if os.path.exists(path):
@@ -322,6 +452,6 @@ def from_config(cfg: ml_collections.ConfigDict, corpus_key: str,
             atomic_write_bytes(path, tok.serialize())
     else:
         raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not one of "
-                          "['sentencepiece', 'char', 'file']")
+                          "['sentencepiece', 'char', 'file', 'gpt2']")
     check_vocab(tok, cfg)
     return tok

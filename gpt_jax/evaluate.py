@@ -1,0 +1,550 @@
+"""Evaluation: LM loss / perplexity / bits per byte, and GPT-2/3-style in-context tasks.
+
+    python -m gpt_jax.evaluate --workdir=runs/gpt2 --tasks=experiments/eval/arc_easy.json \\
+        --shots=0,1,5 --out=report.json
+    python -m gpt_jax.evaluate --workdir=runs/gpt2 --lm_text_glob='corpus/*.txt' --stride=512
+
+Everything reduces to scoring requests (context ids, continuation ids): the summed
+log-probability of the continuation given the context and whether every continuation token
+is the argmax (the greedy continuation). Requests are left-truncated to context + 1 tokens,
+right-padded to a power-of-two bucket (so at most log2(context) shapes compile), batched,
+sharded over the training mesh's `data` axis and scored by one jitted forward pass.
+
+LM eval: each document is scored as [eot] + tokens with a sliding window: the first window
+scores up to `context` tokens, each later one the next `stride` tokens with the preceding
+context - stride tokens as left context, so every token is scored once. Bits per byte divide
+the summed loss by ln 2 and the documents' UTF-8 bytes (eot is never scored).
+
+Tasks (schema in docs/evaluate.md): K demonstrations drawn reproducibly per example from the
+task's train split, joined by the task's separator before the example's context; demos are
+dropped from the front until prompt + continuation fit the context, then the prompt is
+left-truncated. Multiple choice reports accuracy by summed, per-token and per-byte
+normalised log-likelihood and, with `answer_context`, by log P(choice | prompt) -
+log P(choice | answer_context). Completion (LAMBADA) reports exact match (the greedy
+continuation of len(target) tokens equals the target: the teacher-forced argmax test) and
+the target's perplexity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gpt_jax import checkpoint as ckpt_lib
+from gpt_jax import model as model_lib
+from gpt_jax import sharding
+from gpt_jax.tokenizer import Tokenizer, load_tokenizer
+
+MIN_BUCKET = 16
+TASK_TYPES = ("multiple_choice", "completion")
+
+
+# ---------------------------------------------------------------- scoring
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Score `continuation` given `context` (an empty context means [eot])."""
+
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    logprob: float  # summed log P(continuation tokens | preceding tokens), nats
+    num_tokens: int  # continuation tokens scored (fewer only if it exceeds the context)
+    greedy: bool  # every scored token is the argmax of its distribution
+
+
+def bucket_length(n: int, context: int) -> int:
+    """The padded input length for n tokens: a power of two >= MIN_BUCKET, at most context."""
+    return min(context, max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
+
+
+def pack(request: Request, context: int, eot_id: int) -> tuple[list[int], int]:
+    """(the last context + 1 tokens of context + continuation, tokens scored)."""
+    if not request.continuation:
+        raise ValueError("a request needs at least one continuation token")
+    seq = list(request.context or (eot_id,)) + list(request.continuation)
+    seq = seq[-(context + 1):]
+    return seq, min(len(request.continuation), len(seq) - 1)
+
+
+class Scorer:
+    """Scores requests in fixed-shape batches with one jitted forward per bucket length."""
+
+    def __init__(self, model_cfg: ml_collections.ConfigDict, params: Any,
+                 mesh: jax.sharding.Mesh, eot_id: int, batch_size: int = 8,
+                 vocab: int | None = None, progress: bool = True) -> None:
+        self.model_cfg, self.params, self.mesh, self.eot_id = model_cfg, params, mesh, eot_id
+        data = mesh.shape["data"]
+        self.batch_size = -(-batch_size // data) * data  # rows split evenly over 'data'
+        self.progress = progress and jax.process_index() == 0
+        self._batch_sh = sharding.batch_sharding(mesh, 2)
+        net, limit = model_lib.GPT(model_cfg), vocab or model_cfg.vocab_size
+
+        def score(params: Any, inputs_BxT: jax.Array, targets_BxT: jax.Array,
+                  mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+            logits_BxTxV = net.apply({"params": params}, inputs_BxT)
+            logp_BxT = -optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+            allowed_V = jnp.arange(logits_BxTxV.shape[-1]) < limit
+            best_BxT = jnp.argmax(jnp.where(allowed_V, logits_BxTxV, -jnp.inf), axis=-1)
+            hit_BxT = (best_BxT == targets_BxT) | (mask_BxT == 0)
+            return (logp_BxT * mask_BxT).sum(-1), hit_BxT.all(-1)
+
+        self._score = jax.jit(score, out_shardings=sharding.replicated(mesh))
+
+    def _put(self, x_BxT: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(x_BxT.shape, self._batch_sh, lambda i: x_BxT[i])
+
+    def __call__(self, requests: Sequence[Request], desc: str = "score") -> list[Score]:
+        context = self.model_cfg.context
+        packed = [pack(r, context, self.eot_id) for r in requests]
+        order = sorted(range(len(packed)), key=lambda i: len(packed[i][0]))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        out: list[Score | None] = [None] * len(requests)
+        for rows in _progress(batches, desc, self.progress):
+            t = bucket_length(max(len(packed[i][0]) - 1 for i in rows), context)
+            inputs, targets, mask = (np.zeros((self.batch_size, t), np.int32) for _ in range(3))
+            for r, i in enumerate(rows):
+                seq, n = packed[i]
+                inputs[r, :len(seq) - 1], targets[r, :len(seq) - 1] = seq[:-1], seq[1:]
+                mask[r, len(seq) - 1 - n:len(seq) - 1] = 1
+            logp_B, greedy_B = jax.device_get(self._score(
+                self.params, self._put(inputs), self._put(targets),
+                self._put(mask.astype(np.float32))))
+            for r, i in enumerate(rows):
+                out[i] = Score(float(logp_B[r]), packed[i][1], bool(greedy_B[r]))
+        return out  # type: ignore[return-value]
+
+
+def _progress(items: list, desc: str, enabled: bool) -> Iterable:
+    if not enabled or len(items) < 2:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, dynamic_ncols=True, leave=False)
+
+
+# ---------------------------------------------------------------- language modelling
+
+def window_requests(ids: Sequence[int], context: int, stride: int,
+                    eot_id: int) -> list[Request]:
+    """Sliding-window requests scoring every token of [eot] + ids once: the first window
+    scores up to `context` tokens, later ones `stride` tokens after context - stride of
+    left context."""
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride={stride} must be in [1, context={context}]")
+    seq, out = [eot_id, *ids], []
+    a, b = 1, min(1 + context, len(seq))
+    while a < len(seq):
+        lo = max(0, b - 1 - context)
+        out.append(Request(tuple(seq[lo:a]), tuple(seq[a:b])))
+        a, b = b, min(b + stride, len(seq))
+    return out
+
+
+def evaluate_lm(scorer: Scorer, tok: Tokenizer, docs: Iterable[str], stride: int) -> dict:
+    """loss (nats/token), perplexity and bits per byte over `docs`."""
+    requests, n_bytes, n_docs = [], 0, 0
+    for doc in docs:
+        if doc:
+            requests += window_requests(tok.encode(doc), scorer.model_cfg.context, stride,
+                                        tok.eot_id)
+            n_bytes += len(doc.encode("utf-8"))
+            n_docs += 1
+    if not requests:
+        raise ValueError("no non-empty documents to evaluate")
+    scores = scorer(requests, desc="lm")
+    nll = -sum(s.logprob for s in scores)
+    n_tok = sum(s.num_tokens for s in scores)
+    return {"loss": nll / n_tok, "perplexity": math.exp(min(nll / n_tok, 700.0)),
+            "bits_per_byte": nll / math.log(2) / n_bytes, "num_tokens": n_tok,
+            "num_bytes": n_bytes, "num_docs": n_docs, "stride": stride,
+            "context": scorer.model_cfg.context}
+
+
+def text_documents(pattern: str) -> list[str]:
+    """Each file matched by `pattern` (recursive glob) is one document."""
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"--lm_text_glob={pattern!r} matches no files")
+    docs = []
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            docs.append(f.read())
+    return docs
+
+
+# ---------------------------------------------------------------- tasks
+
+@dataclasses.dataclass
+class TaskSpec:
+    """A task file (JSON, see docs/evaluate.md); paths are relative to the file."""
+
+    name: str
+    type: str
+    eval: str = ""  # JSONL of examples to score
+    train: str = ""  # JSONL of demonstrations ('' = draw from the eval split, never itself)
+    separator: str = "\n\n"
+    description: str = ""  # prepended to every prompt
+    answer_context: str | None = None  # multiple choice: unconditional normalisation
+    max_examples: int = 0  # 0 = all
+    tfds: dict | None = None  # {"name", "split", "train_split", "adapter", "data_dir"}
+
+    def __post_init__(self) -> None:
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"task {self.name!r}: type={self.type!r} is not one of "
+                             f"{list(TASK_TYPES)}")
+        if not self.eval and not self.tfds:
+            raise ValueError(f"task {self.name!r}: needs 'eval' (a JSONL file) or 'tfds'")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def check_example(example: dict, task_type: str, where: str) -> dict:
+    """Validates one example against the schema; returns it."""
+    if not isinstance(example.get("context"), str):
+        raise ValueError(f"{where}: 'context' must be a string")
+    if task_type == "multiple_choice":
+        choices, label = example.get("choices"), example.get("label")
+        if not (isinstance(choices, list) and len(choices) >= 2
+                and all(isinstance(c, str) and c for c in choices)):
+            raise ValueError(f"{where}: 'choices' must be a list of 2+ non-empty strings")
+        if not (isinstance(label, int) and 0 <= label < len(choices)):
+            raise ValueError(f"{where}: 'label' must be an index into 'choices'")
+    elif not (isinstance(example.get("target"), str) and example["target"]):
+        raise ValueError(f"{where}: 'target' must be a non-empty string")
+    return example
+
+
+def load_task(path: str, limit: int = 0) -> tuple[TaskSpec, list[dict], list[dict] | None]:
+    """(spec, eval examples, train examples or None) of a task file; at most `limit` (if
+    > 0) or the spec's `max_examples` eval examples, whichever is fewer."""
+    with open(path) as f:
+        raw = json.load(f)
+    raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    spec = TaskSpec(**raw)
+    if limit:
+        spec.max_examples = min(spec.max_examples or limit, limit)
+    base = os.path.dirname(os.path.abspath(path))
+    if spec.tfds:
+        t = spec.tfds
+        evals = tfds_examples(t["name"], t.get("split", "validation"), t["adapter"],
+                              t.get("data_dir", ""), spec.max_examples)
+        train_split = t.get("train_split", "")
+        train = tfds_examples(t["name"], train_split, t["adapter"], t.get("data_dir", "")) \
+            if train_split else None
+    else:
+        evals = read_jsonl(os.path.join(base, spec.eval))
+        if spec.max_examples:
+            evals = evals[:spec.max_examples]
+        train = read_jsonl(os.path.join(base, spec.train)) if spec.train else None
+    for name, split in (("eval", evals), ("train", train or [])):
+        for i, ex in enumerate(split):
+            check_example(ex, spec.type, f"{spec.name} {name} example {i}")
+    return spec, evals, train
+
+
+def gold(example: dict) -> str:
+    """The correct continuation: the labelled choice or the target."""
+    return example["choices"][example["label"]] if "choices" in example else example["target"]
+
+
+def draw_demos(num_examples: int, index: int, train: list[dict] | None, evals: list[dict],
+               k: int, seed: int) -> list[dict]:
+    """K demonstrations for eval example `index`, seeded by (seed, index); the K-shot set
+    is a prefix of the (K+1)-shot set. Without a train split, other eval examples."""
+    if k == 0:
+        return []
+    pool = train if train is not None else [e for j, e in enumerate(evals) if j != index]
+    order = np.random.default_rng([seed, index]).permutation(len(pool))
+    return [pool[j] for j in order[:k]]
+
+
+def make_prompt(tok: Tokenizer, spec: TaskSpec, example: dict, demos: list[dict],
+                budget: int) -> tuple[list[int], int]:
+    """(prompt ids, demos used): demos dropped from the front until the prompt has at most
+    `budget` tokens, then left-truncated."""
+    shots = [d["context"] + gold(d) for d in demos]
+    for used in range(len(shots), -1, -1):
+        text = spec.description + spec.separator.join(shots[len(shots) - used:]
+                                                      + [example["context"]])
+        ids = tok.encode(text)
+        if len(ids) <= budget or used == 0:
+            return ids[max(len(ids) - budget, 0):], used
+    raise AssertionError("unreachable")
+
+
+def choice_requests(tok: Tokenizer, spec: TaskSpec, evals: list[dict],
+                    train: list[dict] | None, k: int, seed: int, context: int
+                    ) -> tuple[list[list[Request]], list[int]]:
+    """Per example, one request per choice (or the target); and the demos each used."""
+    per_example, used = [], []
+    for i, ex in enumerate(evals):
+        conts = [tuple(tok.encode(c)) for c in ex.get("choices", [ex.get("target", "")])]
+        budget = context + 1 - max(len(c) for c in conts)
+        ids, n = make_prompt(tok, spec, ex, draw_demos(len(evals), i, train, evals, k, seed),
+                             max(budget, 0))
+        per_example.append([Request(tuple(ids), c) for c in conts])
+        used.append(n)
+    return per_example, used
+
+
+def _flat_scores(scorer: Scorer, nested: list[list[Request]], desc: str) -> list[list[Score]]:
+    flat = scorer([r for rs in nested for r in rs], desc=desc)
+    out, i = [], 0
+    for rs in nested:
+        out.append(flat[i:i + len(rs)])
+        i += len(rs)
+    return out
+
+
+def multiple_choice_metrics(evals: list[dict], scores: list[list[Score]],
+                            uncond: list[list[Score]] | None) -> dict:
+    """Accuracy by summed, per-token and per-byte normalised log-likelihood (and
+    unconditionally normalised when `uncond` is given)."""
+    hits: dict[str, list[bool]] = {"acc": [], "acc_per_token": [], "acc_per_byte": []}
+    if uncond is not None:
+        hits["acc_uncond"] = []
+    for i, (ex, ss) in enumerate(zip(evals, scores)):
+        ll = np.array([s.logprob for s in ss])
+        ntok = np.array([s.num_tokens for s in ss])
+        nbytes = np.array([len(c.encode("utf-8")) for c in ex["choices"]])
+        hits["acc"].append(int(np.argmax(ll)) == ex["label"])
+        hits["acc_per_token"].append(int(np.argmax(ll / ntok)) == ex["label"])
+        hits["acc_per_byte"].append(int(np.argmax(ll / nbytes)) == ex["label"])
+        if uncond is not None:
+            base = np.array([s.logprob for s in uncond[i]])
+            hits["acc_uncond"].append(int(np.argmax(ll - base)) == ex["label"])
+    return {name: float(np.mean(h)) for name, h in hits.items()}
+
+
+def completion_metrics(scores: list[list[Score]]) -> dict:
+    """Exact match of the greedy continuation, the target's perplexity and mean log-prob."""
+    flat = [s[0] for s in scores]
+    nll, ntok = -sum(s.logprob for s in flat), sum(s.num_tokens for s in flat)
+    return {"acc": float(np.mean([s.greedy for s in flat])),
+            "perplexity": math.exp(min(nll / ntok, 700.0)),
+            "logprob": -nll / len(flat)}
+
+
+def evaluate_task(scorer: Scorer, tok: Tokenizer, spec: TaskSpec, evals: list[dict],
+                  train: list[dict] | None, shots: Sequence[int], seed: int = 0) -> list[dict]:
+    """One report per K in `shots`."""
+    context = scorer.model_cfg.context
+    uncond = None
+    if spec.type == "multiple_choice" and spec.answer_context is not None:
+        base = tuple(tok.encode(spec.answer_context))
+        uncond = _flat_scores(scorer, [[Request(base, tuple(tok.encode(c)))
+                                        for c in ex["choices"]] for ex in evals],
+                              f"{spec.name} uncond")
+    reports = []
+    for k in shots:
+        nested, used = choice_requests(tok, spec, evals, train, k, seed, context)
+        scores = _flat_scores(scorer, nested, f"{spec.name} {k}-shot")
+        if spec.type == "multiple_choice":
+            metrics, primary = multiple_choice_metrics(evals, scores, uncond), "acc_per_token"
+            if uncond is not None:
+                primary = "acc_uncond"
+        else:
+            metrics, primary = completion_metrics(scores), "acc"
+        reports.append({
+            "task": spec.name, "type": spec.type, "shots": k,
+            "shots_used_mean": float(np.mean(used)) if used else 0.0,
+            "num_examples": len(evals), "primary": primary, "metrics": metrics,
+            "config": {"separator": spec.separator, "answer_context": spec.answer_context,
+                       "description": spec.description, "seed": seed, "context": context,
+                       "train_split": bool(train is not None or spec.tfds)}})
+    return reports
+
+
+# ---------------------------------------------------------------- TFDS adapters
+# Each maps one TFDS example (numpy values) to the task schema, or None to skip it
+# (e.g. HellaSwag's unlabelled test split).
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def hellaswag(ex: dict) -> dict | None:
+    endings = [" " + _hellaswag_clean(_s(e)) for e in ex["endings"]]
+    label = int(ex["label"])
+    if not 0 <= label < len(endings) or not all(e.strip() for e in endings):
+        return None
+    context = _hellaswag_clean(f"{_s(ex['activity_label'])}: {_s(ex['context'])}")
+    return {"context": context, "choices": endings, "label": label}
+
+
+def piqa(ex: dict) -> dict | None:
+    return {"context": f"Question: {_s(ex['goal'])}\nAnswer:",
+            "choices": [" " + _s(ex["sol1"]), " " + _s(ex["sol2"])], "label": int(ex["label"])}
+
+
+def ai2_arc(ex: dict) -> dict | None:
+    labels = [int(x) for x in ex["choices"]["label"]]
+    if int(ex["answerKey"]) not in labels:
+        return None
+    return {"context": f"Question: {_s(ex['question'])}\nAnswer:",
+            "choices": [" " + _s(t) for t in ex["choices"]["text"]],
+            "label": labels.index(int(ex["answerKey"]))}
+
+
+def lambada(ex: dict) -> dict | None:
+    passage = _s(ex["passage"]).strip()
+    if " " not in passage:
+        return None
+    context, word = passage.rsplit(" ", 1)
+    return {"context": context, "target": " " + word}
+
+
+ADAPTERS: dict[str, Callable[[dict], dict | None]] = {
+    "hellaswag": hellaswag, "piqa": piqa, "ai2_arc": ai2_arc, "lambada": lambada}
+
+
+def tfds_examples(name: str, split: str, adapter: str, data_dir: str = "",
+                  max_examples: int = 0) -> list[dict]:
+    """A TFDS split in the task schema (via `ADAPTERS[adapter]`), in the dataset's order."""
+    import tensorflow_datasets as tfds  # heavy; only for TFDS tasks
+
+    if adapter not in ADAPTERS:
+        raise ValueError(f"TFDS adapter {adapter!r} is not one of {sorted(ADAPTERS)}")
+    ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+    out = []
+    for ex in tfds.as_numpy(ds):
+        item = ADAPTERS[adapter](ex)
+        if item is not None:
+            out.append(item)
+            if max_examples and len(out) >= max_examples:
+                break
+    return out
+
+
+# ---------------------------------------------------------------- loading, report, CLI
+
+def load_workdir(workdir: str, step: int | None = None
+                 ) -> tuple[ml_collections.ConfigDict, jax.sharding.Mesh, Any, Tokenizer, int]:
+    """(config, mesh, params sharded as in training, tokenizer, step) of a workdir."""
+    cfg = ckpt_lib.read_config(workdir)
+    mesh = sharding.make_mesh(cfg)
+    boxed = model_lib.abstract_params(cfg.model)
+    abstract = ckpt_lib.abstract_with_shardings(model_lib.unbox(boxed),
+                                                sharding.tree_shardings(boxed, mesh, cfg))
+    params, meta = ckpt_lib.restore_params(workdir, abstract, step)
+    return cfg, mesh, params, load_tokenizer(workdir), int(meta["step"])
+
+
+def summary_table(reports: list[dict]) -> str:
+    """The terminal table: task, shots, metric, value, examples."""
+    rows = [("task", "shots", "metric", "value", "n")]
+    for r in reports:
+        for name, value in r["metrics"].items():
+            if isinstance(value, float):
+                rows.append((r["task"], str(r.get("shots", "-")), name, f"{value:.4f}",
+                             str(r.get("num_examples", r.get("num_docs", "")))))
+    widths = [max(len(row[c]) for row in rows) for c in range(5)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def define_flags() -> None:
+    """CLI flags, defined only when run as a program so importing this module is free."""
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "Run directory (config, tokenizer, checkpoints).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_list("tasks", [], "Task files (JSON, see docs/evaluate.md).")
+    flags.DEFINE_list("shots", ["0"], "Numbers of in-context examples K.")
+    flags.DEFINE_integer("seed", 0, "Seed for drawing demonstrations.")
+    flags.DEFINE_integer("limit", 0, "At most this many eval examples per task (0 = all).")
+    flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass (rounded up to the "
+                         "data axis of the mesh).")
+    flags.DEFINE_string("lm_text_glob", None, "LM eval on these text files (one per doc).")
+    flags.DEFINE_string("lm_tfds", None, "LM eval on a TFDS split, 'name:split'.")
+    flags.DEFINE_string("lm_tfds_feature", "text", "Text feature of --lm_tfds.")
+    flags.DEFINE_bool("lm_val", False, "LM eval on the validation split of the workdir's "
+                      "config.data source.")
+    flags.DEFINE_integer("lm_max_docs", 0, "At most this many documents (0 = all).")
+    flags.DEFINE_integer("stride", 0, "Sliding-window stride (0 = context // 2).")
+    flags.DEFINE_string("out", None, "Write the JSON report here.")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def run(workdir: str, tasks: Sequence[str] = (), shots: Sequence[int] = (0,), seed: int = 0,
+        limit: int = 0, batch_size: int = 8, lm_docs: Iterable[str] | None = None,
+        lm_name: str = "lm", stride: int = 0, step: int | None = None,
+        out: str | None = None) -> dict:
+    """Evaluates a workdir on LM documents and/or task files; returns (and writes) the report."""
+    cfg, mesh, params, tok, step = load_workdir(workdir, step)
+    scorer = Scorer(cfg.model, params, mesh, tok.eot_id, batch_size, vocab=tok.vocab_size)
+    reports = []
+    if lm_docs is not None:
+        lm = evaluate_lm(scorer, tok, lm_docs, stride or max(cfg.model.context // 2, 1))
+        reports.append({"task": lm_name, "type": "lm", "metrics": lm, "num_docs": lm["num_docs"]})
+    for path in tasks:
+        spec, evals, train = load_task(path, limit)
+        reports += evaluate_task(scorer, tok, spec, evals, train, shots, seed)
+    report = {"workdir": os.path.abspath(workdir), "step": step, "model": cfg.name,
+              "tokenizer": tok.kind, "results": reports}
+    if out and jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags, logging
+    del argv
+    f = flags.FLAGS
+    if not f["verbosity"].present:  # orbax logs every file at INFO
+        logging.set_verbosity(logging.WARNING)
+    lm_docs, lm_name = None, "lm"
+    if f.lm_text_glob:
+        lm_docs, lm_name = text_documents(f.lm_text_glob), f"lm:{f.lm_text_glob}"
+    elif f.lm_tfds:
+        from gpt_jax import data as data_lib
+        name, _, split = f.lm_tfds.partition(":")
+        lm_docs = data_lib.tfds_documents(name, split or "validation", f.lm_tfds_feature, "",
+                                          f.lm_max_docs)
+        lm_name = f"lm:{f.lm_tfds}"
+    elif f.lm_val:
+        from gpt_jax import data as data_lib
+        lm_docs, lm_name = data_lib.make_source(ckpt_lib.read_config(f.workdir)).docs("val"), \
+            "lm:val"
+    if lm_docs is not None and f.lm_max_docs:
+        lm_docs = list(lm_docs)[:f.lm_max_docs]
+    if lm_docs is None and not f.tasks:
+        raise SystemExit("nothing to evaluate: give --tasks and/or --lm_text_glob, --lm_tfds "
+                         "or --lm_val")
+    report = run(f.workdir, f.tasks, [int(k) for k in f.shots], f.seed, f.limit, f.batch_size,
+                 lm_docs, lm_name, f.stride, f.step, f.out)
+    if jax.process_index() == 0:
+        print(summary_table(report["results"]))
+        if f.out:
+            print(f"report: {f.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from absl import app
+    define_flags()
+    app.run(main)
