@@ -15,7 +15,7 @@ import ml_collections
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 SCHEDULES = ("constant", "cosine", "linear")
 DATA_SOURCES = ("stdlib", "text", "tfds")
-TOKENIZERS = ("sentencepiece", "char", "file")
+TOKENIZERS = ("sentencepiece", "char", "file", "gpt2")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -84,6 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.keep = 2
     t.sample_tokens = 64
     t.sample_prompt = "def "
+    t.sample_temperature = 0.8  # 0 = greedy
+    t.sample_top_p = 0.95
 
     cfg.data = d = ml_collections.ConfigDict()
     d.source = "stdlib"
@@ -99,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.token_dir = ""  # explicit token directory; default <data_dir>/tokens/<source-tokenizer>
     d.val_fraction = 0.05
     d.tokenizer = "sentencepiece"
-    d.tokenizer_path = ""  # tokenizer='file': path to a sentencepiece .model
+    d.tokenizer_path = ""  # 'file': a sentencepiece .model; 'gpt2': dir with vocab.json, merges.txt
     d.tokenizer_train_chars = 20_000_000  # characters sampled to train a new vocabulary
     d.seed = 0
     d.num_workers = 2
@@ -109,6 +111,30 @@ def base_config() -> ml_collections.ConfigDict:
     mesh.model = 1
     mesh.fsdp = False  # shard params and optimizer state over 'data' too
     mesh.dcn_data = 1  # data parallelism across TPU slices (multi-slice)
+    return cfg
+
+
+def finetune_base(task_type: str, num_outputs: int) -> ml_collections.ConfigDict:
+    """GPT-1 fine-tuning defaults (Radford et al. 2018, section 4.1); the model section
+    is replaced by the pretrained run's at launch (`gpt_jax.finetune`)."""
+    cfg = base_config()
+    cfg.model.embd_pdrop = cfg.model.resid_pdrop = cfg.model.attn_pdrop = 0.1
+    o = cfg.optim
+    o.schedule, o.peak_lr, o.warmup_frac, o.final_lr_frac = "linear", 6.25e-5, 0.002, 0.0
+    o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, 0.999, 1e-8, 0.01, 1.0
+    t = cfg.train
+    t.batch_size, t.log_every, t.eval_every, t.ckpt_every, t.sample_tokens = 32, 10, 100, 100, 0
+    cfg.finetune = ft = ml_collections.ConfigDict()
+    ft.task_type = task_type  # classification | entailment | similarity | multiple_choice
+    ft.num_outputs = num_outputs  # classes (1 = regression for similarity; unused for MC)
+    ft.epochs = 3  # sets train.steps from the training set size
+    ft.lm_coef = 0.5  # lambda in L3 = L_task + lambda * L_LM
+    ft.clf_pdrop = 0.1
+    ft.max_len = 128  # tokens per sequence, special tokens included
+    ft.tfds_name = ""  # e.g. 'glue/sst2' (see finetune.TFDS_TASKS), or JSONL files:
+    ft.tfds_train_split, ft.tfds_val_split, ft.tfds_data_dir = "train", "validation", ""
+    ft.train_jsonl = ""
+    ft.val_jsonl = ""
     return cfg
 
 
@@ -185,11 +211,22 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("data.text_glob", d.text_glob, "must name files when data.source='text'")
     if d.source == "tfds" and not d.tfds_name:
         _fail("data.tfds_name", d.tfds_name, "must name a TFDS dataset when data.source='tfds'")
-    if d.tokenizer == "file" and not d.tokenizer_path:
+    if d.tokenizer in ("file", "gpt2") and not d.tokenizer_path:
         _fail("data.tokenizer_path", d.tokenizer_path,
               f"must point to a tokenizer when data.tokenizer={d.tokenizer!r}")
     if not 0.0 < d.val_fraction < 1.0:
         _fail("data.val_fraction", d.val_fraction, "must be in (0, 1)")
+
+    if "finetune" in cfg:
+        ft = cfg.finetune
+        _check_choice(cfg, "finetune.task_type",
+                      ("classification", "entailment", "similarity", "multiple_choice"))
+        if not 3 <= ft.max_len <= m.context:
+            _fail("finetune.max_len", ft.max_len, f"must be in [3, model.context={m.context}]")
+        if ft.num_outputs < 1:
+            _fail("finetune.num_outputs", ft.num_outputs, "must be >= 1")
+        if ft.lm_coef < 0:
+            _fail("finetune.lm_coef", ft.lm_coef, "must be >= 0")
 
     if cfg.mesh.model < 1:
         _fail("mesh.model", cfg.mesh.model, "must be >= 1")

@@ -49,7 +49,9 @@ class Task:
     batch: Callable[[int], Any]
     evaluate: Callable[[Any], dict[str, float]]
     boxed_params: Any = None  # abstract params with logical axes; default: the GPT's
-    init_params: Callable[[jax.Array], Any] | None = None  # rng -> params; default: fresh GPT
+    # (rng, param shardings) -> params laid out on those shardings, called eagerly
+    # (it may restore a pretrained checkpoint); default: a fresh GPT, initialised sharded.
+    init_params: Callable[[jax.Array, Any], Any] | None = None
     tokens_per_step: int = 0
     flops_per_token: float | None = None
     extra_meta: dict = field(default_factory=dict)
@@ -71,7 +73,7 @@ class Trainer:
 
 def build_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                   loss_fn: steps.LossFn | None = None, boxed_params: Any = None,
-                  init_params: Callable[[jax.Array], Any] | None = None) -> Trainer:
+                  init_params: Callable[[jax.Array, Any], Any] | None = None) -> Trainer:
     """Shardings from the logical-axis rules; jitted init and train step.
 
     The train step's batch may be any pytree of arrays with a leading
@@ -84,21 +86,25 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     opt_sh = sharding.tree_shardings(boxed_opt, mesh, cfg)
     repl = sharding.replicated(mesh)
     state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh}
-    if init_params is None:
-        def init_params(rng: jax.Array) -> Any:
-            return model_lib.unbox(model_lib.init_params(cfg.model, rng))
-
-    def init_state(rng: jax.Array) -> dict:
-        params = init_params(rng)
+    def fresh_state(rng: jax.Array) -> dict:
+        params = model_lib.unbox(model_lib.init_params(cfg.model, rng))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    init_state = jax.jit(fresh_state, out_shardings=state_sh)
+    if init_params is not None:
+        init_opt = jax.jit(tx.init, out_shardings=opt_sh)
+
+        def init_state(rng: jax.Array) -> dict:
+            params = init_params(rng, param_sh)
+            return {"step": jax.device_put(jnp.zeros((), jnp.int32), repl), "params": params,
+                    "opt_state": init_opt(params)}
 
     # The batch keeps whatever (data-axis) sharding `host_local_to_global` gave it.
     train_step = jax.jit(steps.make_train_step(loss_fn or steps.lm_loss_fn(cfg.model), tx),
                          in_shardings=(state_sh, None, repl, repl),
                          out_shardings=(state_sh, repl), donate_argnums=(0,))
     return Trainer(cfg, mesh, param_sh, opt_sh, model_lib.unbox(boxed_params),
-                   model_lib.unbox(boxed_opt), jax.jit(init_state, out_shardings=state_sh),
-                   train_step)
+                   model_lib.unbox(boxed_opt), init_state, train_step)
 
 
 def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer) -> tuple[dict, dict]:

@@ -78,9 +78,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callab
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
-        return new_state, {"loss": loss * scale, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"loss": loss * scale, "grad_norm": global_norm(grads)}
 
     return train_step
+
+
+def global_norm(tree: Any) -> Array:
+    """sqrt of the sum of squares of every leaf (the norm that clipping uses)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def make_eval_step(model_cfg: ml_collections.ConfigDict) -> Callable:

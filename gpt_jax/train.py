@@ -79,11 +79,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         tokens_per_step=cfg.train.batch_size * cfg.model.context,
         flops_per_token=flops_per_token(cfg.model))
     final, params, preempted = loop.run(cfg, workdir, mesh, task)
-    if not preempted and cfg.train.sample_tokens:  # every host computes, process 0 prints
-        text = sample.greedy_text(cfg.model, params, corpus.tokenizer, cfg.train.sample_prompt,
-                                  cfg.train.sample_tokens)
+    t = cfg.train
+    if not preempted and t.sample_tokens:  # every host computes, process 0 prints
+        how = sample.SamplingConfig(temperature=t.sample_temperature, top_p=t.sample_top_p)
+        text = sample.sample_text(cfg.model, params, corpus.tokenizer, t.sample_prompt,
+                                  t.sample_tokens, how, seed=cfg.seed)
         if jax.process_index() == 0:
-            print(f"\n--- sample (greedy) ---\n{text}\n-----------------------")
+            print(f"\n--- sample (temperature {how.temperature}, top-p {how.top_p}, seed "
+                  f"{cfg.seed}) ---\n{text}\n-----------------------")
         final["sample"] = text
     return final
 
