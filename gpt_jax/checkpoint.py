@@ -109,3 +109,16 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
         return restored["params"], restored["meta"]
     finally:
         ckpt.close()
+
+
+def restore_on_mesh(workdir: str, boxed: Any, mesh: jax.sharding.Mesh,
+                    cfg: ml_collections.ConfigDict) -> Any:
+    """A workdir's latest params (a tree shaped like the boxed abstract `boxed`), laid out on
+    `mesh` with the shardings the logical-axis rules of `cfg` give them."""
+    from gpt_jax import model as model_lib
+    from gpt_jax import sharding
+
+    abstract = abstract_with_shardings(model_lib.unbox(boxed),
+                                       sharding.tree_shardings(boxed, mesh, cfg))
+    params, _ = restore_params(workdir, abstract)
+    return params

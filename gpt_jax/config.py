@@ -138,6 +138,17 @@ def finetune_base(task_type: str, num_outputs: int) -> ml_collections.ConfigDict
     return cfg
 
 
+def inherit_model(cfg: ml_collections.ConfigDict,
+                  pretrained: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `cfg` whose model is the pretrained run's, with `cfg`'s dropout rates
+    (fine-tuning, SFT and RLHF set their own)."""
+    cfg = cfg.copy_and_resolve_references()
+    dropout = {k: cfg.model[k] for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")}
+    cfg.model = pretrained.model.copy_and_resolve_references()
+    cfg.model.update(dropout)
+    return cfg
+
+
 def _fail(field: str, value: Any, why: str) -> None:
     raise ConfigError(f"{field}={value!r} {why}")
 

@@ -553,3 +553,21 @@ def eval_batches(tokens: np.ndarray, *, global_batch: int, context: int, num_bat
     for b in range(num_batches):
         start = b * global_batch + process_index * local
         yield gather_windows(tokens, ids[start:start + local], context)
+
+
+# ---------------------------------------------------------------------------- example batches
+# Fine-tuning, SFT and the reward model hold small splits as arrays of examples (one row
+# each); `loop.microbatched` then slices a batch for this host.
+
+
+def epoch_batch(arrays: dict[str, np.ndarray], *, seed: int, step: int,
+                batch_size: int) -> dict[str, np.ndarray]:
+    """Batch `step` of a seeded per-epoch shuffle: a pure function of (seed, step)."""
+    n = len(next(iter(arrays.values())))
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"train.batch_size={batch_size} exceeds the {n} training examples")
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    idx = order[i * batch_size:(i + 1) * batch_size]
+    return {k: v[idx] for k, v in arrays.items()}

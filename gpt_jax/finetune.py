@@ -32,6 +32,7 @@ from absl import app, flags
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import cli, loop, sharding, steps
 from gpt_jax import config as config_lib
+from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.config import ConfigError
@@ -284,34 +285,16 @@ def encode_split(examples: Iterable[tuple[dict, float]], task_type: str,
     return pack(seqs, labels, max_len)
 
 
-def epoch_batch(arrays: dict[str, np.ndarray], *, seed: int, step: int,
-                batch_size: int) -> dict[str, np.ndarray]:
-    """Batch `step` of a seeded per-epoch shuffle (a pure function of seed and step)."""
-    n = len(arrays["label"])
-    per_epoch = n // batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"train.batch_size={batch_size} exceeds the {n} training examples")
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    idx = order[i * batch_size:(i + 1) * batch_size]
-    return {k: v[idx] for k, v in arrays.items()}
-
-
 # ---------------------------------------------------------------------------- the run
 
 
 def finetune_config(cfg: ml_collections.ConfigDict, init_from: str,
                     num_train: int) -> ml_collections.ConfigDict:
     """The task config with the pretrained model's shape (+3 tokens) and steps from epochs."""
-    cfg = cfg.copy_and_resolve_references()
-    pre = ckpt_lib.read_config(init_from)
-    ft = cfg.finetune
-    dropout = {k: cfg.model[k] for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")}
-    cfg.model = pre.model
-    cfg.model.update(dropout)
-    cfg.model.vocab_size = pre.model.vocab_size + NUM_SPECIAL
-    if ft.epochs:
-        cfg.train.steps = max(1, ft.epochs * (num_train // cfg.train.batch_size))
+    cfg = config_lib.inherit_model(cfg, ckpt_lib.read_config(init_from))
+    cfg.model.vocab_size += NUM_SPECIAL
+    if cfg.finetune.epochs:
+        cfg.train.steps = max(1, cfg.finetune.epochs * (num_train // cfg.train.batch_size))
     return config_lib.validate(cfg)
 
 
@@ -325,16 +308,12 @@ def make_task(cfg: ml_collections.ConfigDict, init_from: str, mesh: jax.sharding
     example = {k: v[:1] for k, v in train_arrays.items()}
     boxed = jax.eval_shape(lambda r: net.init(r, example["tokens"], example["extract"]),
                            jax.random.key(0))["params"]
-    m = cfg.train.microbatches
-    micro = cfg.train.batch_size // m
-    pre_cfg = ckpt_lib.read_config(init_from)
-    pre_mesh_cfg = pre_cfg.copy_and_resolve_references()
-    pre_mesh_cfg.mesh = cfg.mesh
+    micro = cfg.train.batch_size // cfg.train.microbatches
+    pre_model = ckpt_lib.read_config(init_from).model
 
     def init_params(rng: jax.Array, shardings: Any) -> Any:
-        pre_shapes = model_lib.abstract_params(pre_cfg.model)
-        gpt, _ = ckpt_lib.restore_params(init_from, ckpt_lib.abstract_with_shardings(
-            model_lib.unbox(pre_shapes), sharding.tree_shardings(pre_shapes, mesh, pre_mesh_cfg)))
+        gpt = ckpt_lib.restore_on_mesh(init_from, model_lib.abstract_params(pre_model), mesh,
+                                       cfg)
 
         def build(gpt: Any, rng: jax.Array) -> Any:
             fresh = model_lib.unbox(net.init(rng, example["tokens"], example["extract"]))
@@ -343,22 +322,15 @@ def make_task(cfg: ml_collections.ConfigDict, init_from: str, mesh: jax.sharding
         return jax.jit(build, out_shardings=shardings)(gpt, rng)
 
     def batch(step: int) -> dict[str, np.ndarray]:
-        full = epoch_batch(train_arrays, seed=cfg.data.seed, step=step,
-                           batch_size=cfg.train.batch_size)
-        lo, hi = _host_rows(micro)
-        return {k: v.reshape(m, micro, *v.shape[1:])[:, lo:hi] for k, v in full.items()}
+        full = data_lib.epoch_batch(train_arrays, seed=cfg.data.seed, step=step,
+                                    batch_size=cfg.train.batch_size)
+        return loop.microbatched(full, cfg.train.microbatches)
 
     forward = jax.jit(lambda p, b: net.apply({"params": p}, b["tokens"], b["extract"])[0])
 
     def evaluate(params: Any) -> dict[str, float]:
-        outs, n = [], len(val_arrays["label"])
-        for start in range(0, n, micro):
-            rows = np.arange(start, start + micro) % n  # wrap to a full batch
-            lo, hi = _host_rows(micro)
-            local = {k: v[rows][lo:hi] for k, v in val_arrays.items()}
-            outs.append(np.asarray(jax.device_get(forward(params, {
-                k: sharding.host_local_to_global(v, mesh) for k, v in local.items()}))))
-        out = np.concatenate(outs)[:n]
+        out = np.concatenate([np.asarray(jax.device_get(forward(params, b)))[:real]
+                              for b, real in loop.eval_batches(val_arrays, micro, mesh)])
         label = val_arrays["label"]
         metrics = scores(np.asarray(predictions(jnp.asarray(out), regression)), label,
                          regression)
@@ -369,12 +341,6 @@ def make_task(cfg: ml_collections.ConfigDict, init_from: str, mesh: jax.sharding
                      evaluate=evaluate, boxed_params=boxed, init_params=init_params,
                      tokens_per_step=cfg.train.batch_size * train_arrays["tokens"].shape[1]
                      * ft.max_len, extra_meta={"init_from": init_from})
-
-
-def _host_rows(rows: int) -> tuple[int, int]:
-    """This host's contiguous slice of `rows` global rows."""
-    per = rows // jax.process_count()
-    return jax.process_index() * per, (jax.process_index() + 1) * per
 
 
 def finetune(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> dict:

@@ -129,6 +129,32 @@ def global_batch(local: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.tree.map(lambda x: sharding.host_local_to_global(x, mesh, batch_axis=1), local)
 
 
+def host_rows(rows: int) -> tuple[int, int]:
+    """This host's contiguous slice [lo, hi) of `rows` global rows."""
+    per = rows // jax.process_count()
+    return jax.process_index() * per, (jax.process_index() + 1) * per
+
+
+def microbatched(full: dict[str, np.ndarray], microbatches: int) -> dict[str, np.ndarray]:
+    """A global batch -> this host's M x b_local x ... slices (what `loop.Task.batch` returns)."""
+    rows = len(next(iter(full.values())))
+    micro = rows // microbatches
+    lo, hi = host_rows(micro)
+    return {k: v.reshape(microbatches, micro, *v.shape[1:])[:, lo:hi] for k, v in full.items()}
+
+
+def eval_batches(arrays: dict[str, np.ndarray], rows: int, mesh: jax.sharding.Mesh) -> Any:
+    """(global batch, number of real rows) over a whole split in order, the last batch
+    wrapped around to a full `rows` (its extra rows are to be ignored)."""
+    n = len(next(iter(arrays.values())))
+    lo, hi = host_rows(rows)
+    for start in range(0, n, rows):
+        idx = np.arange(start, start + rows) % n
+        yield ({k: sharding.host_local_to_global(v[idx][lo:hi], mesh)
+                for k, v in arrays.items()},
+               min(rows, n - start))
+
+
 class Preemption:
     """SIGTERM sets a flag; all hosts agree on it at step boundaries."""
 

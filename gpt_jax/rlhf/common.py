@@ -1,0 +1,100 @@
+"""Pieces SFT, the reward model and PPO share: JSONL, prompt + response encoding, batches,
+the stage config built on the init workdir, and restoring a workdir's GPT params.
+
+An example's token sequence is `prompt ids + response ids + [eot]`: the prompt is encoded
+as is (put any separator such as "\\nA:" in the prompt text), an empty prompt becomes
+`[eot]` (as the sampler does), and the eot after the response is the stop signal the
+policy learns and where the reward model reads its score. Sequences are right-padded
+(with eot) one example per row, so causal attention never mixes examples.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from gpt_jax import checkpoint as ckpt_lib
+from gpt_jax import config as config_lib
+from gpt_jax import model as model_lib
+from gpt_jax.config import ConfigError
+
+
+def read_jsonl(path: str, required: Sequence[str]) -> list[dict]:
+    """All objects of a JSONL file; each must have the `required` keys."""
+    if not path:
+        raise ConfigError(f"no JSONL file given for the {list(required)} data")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{n}: missing {missing}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
+def train_val(rows: list[dict], val_path: str, required: Sequence[str]
+              ) -> tuple[list[dict], list[dict]]:
+    """(train, validation): the validation file, or every 10th training row held out."""
+    if val_path:
+        return rows, read_jsonl(val_path, required)
+    held = set(range(9, len(rows), 10)) or {len(rows) - 1}
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def encode_example(encode: Any, eot_id: int, prompt: str, response: str,
+                   max_len: int) -> tuple[list[int], int]:
+    """(ids, index of the first response token): prompt + response + eot in `max_len`
+    tokens; the response keeps its start (at most max_len - 1 tokens), the prompt its end."""
+    p = encode(prompt) or [eot_id]
+    r = (encode(response) + [eot_id])[:max_len - 1]
+    p = p[-(max_len - len(r)):]
+    return p + r, len(p)
+
+
+def pad_examples(examples: Sequence[tuple[list[int], int]], max_len: int,
+                 pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded rows: tokens NxT, mask NxT (1 on response tokens, eot included),
+    last N (index of the last real token, where a reward head reads)."""
+    n = len(examples)
+    tokens = np.full((n, max_len), pad_id, np.int32)
+    mask = np.zeros((n, max_len), np.float32)
+    last = np.zeros(n, np.int32)
+    for i, (ids, start) in enumerate(examples):
+        tokens[i, :len(ids)] = ids
+        mask[i, start:len(ids)] = 1.0
+        last[i] = len(ids) - 1
+    return {"tokens": tokens, "mask": mask, "last": last}
+
+
+def stage_config(cfg: ml_collections.ConfigDict, init_from: str) -> ml_collections.ConfigDict:
+    """The stage config with the init workdir's model (this config's dropout kept) and data
+    section (the pretraining corpus, recorded for PPO-ptx)."""
+    pre = ckpt_lib.read_config(init_from)
+    cfg = config_lib.inherit_model(cfg, pre)
+    if "ppo" not in cfg or cfg.ppo.ptx_data == "init":
+        cfg.data = pre.data
+    return cfg
+
+
+def restore_gpt(workdir: str, model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                cfg: ml_collections.ConfigDict) -> Any:
+    """A pretrained or SFT workdir's GPT params on `mesh`."""
+    return ckpt_lib.restore_on_mesh(workdir, model_lib.abstract_params(model_cfg), mesh, cfg)
+
+
+def check_same_tokenizer(a: str, b: str) -> None:
+    """Raises unless workdirs `a` and `b` hold the same vocabulary."""
+    from gpt_jax.tokenizer import load_tokenizer
+    if load_tokenizer(a).fingerprint != load_tokenizer(b).fingerprint:
+        raise ConfigError(f"workdirs {a!r} and {b!r} use different tokenizers")
