@@ -74,7 +74,10 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: list | None = None) -> Me
         grid = mesh_utils.create_hybrid_device_mesh(
             (data // dcn, model), (dcn, 1), devices=devices)
     elif len(devices) > 1 and devices[0].platform != "cpu":
-        grid = mesh_utils.create_device_mesh((data, model), devices=devices)
+        # Split physical torus axes only when the logical shape needs it (e.g. 32 x 16
+        # on a v5p-1024's 8 x 8 x 8 chips).
+        grid = mesh_utils.create_device_mesh((data, model), devices=devices,
+                                             allow_split_physical_axes=True)
     else:
         grid = np.asarray(devices).reshape(data, model)
     return Mesh(grid, AXES)
