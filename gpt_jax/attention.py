@@ -31,12 +31,15 @@ def attend(q_BxTxHxD: Array, k_BxSxHxD: Array, v_BxSxHxD: Array, mask_BxTxS: Arr
            dropout_rng: Array | None = None, implementation: str | None = None) -> Array:
     """Softmax attention with an optional boolean mask (True = may attend).
 
-    Without attention dropout this is `jax.nn.dot_product_attention`, so fused
-    kernels (cuDNN flash attention on GPU) are used where the backend has them.
-    With dropout (training GPT-1/2 style) the probabilities are materialised.
+    Without attention dropout on accelerators this is `jax.nn.dot_product_attention`,
+    so fused kernels (cuDNN flash attention on GPU) are used where the backend has
+    them. With dropout (training GPT-1/2 style), and on CPU, where XLA has no fused
+    kernel and the explicit form below measured ~8% faster for the tiny config's
+    train step, the probabilities are materialised.
     """
     mask = None if mask_BxTxS is None else mask_BxTxS[:, None, :, :]  # B x 1 x T x S
-    if dropout_rate == 0.0 or dropout_rng is None:
+    no_dropout = dropout_rate == 0.0 or dropout_rng is None
+    if no_dropout and not (implementation in (None, "auto", "xla") and _on_cpu()):
         impl = None if implementation in (None, "auto") else implementation
         return jax.nn.dot_product_attention(
             q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask=mask, is_causal=is_causal,
@@ -51,9 +54,16 @@ def attend(q_BxTxHxD: Array, k_BxSxHxD: Array, v_BxSxHxD: Array, mask_BxTxS: Arr
     if mask is not None:
         logits_BxHxTxS = jnp.where(mask, logits_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits_BxHxTxS, axis=-1)
+    if no_dropout:
+        return jnp.einsum("bhts,bshd->bthd", probs.astype(v_BxSxHxD.dtype), v_BxSxHxD)
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v_BxSxHxD.dtype)
     return jnp.einsum("bhts,bshd->bthd", probs, v_BxSxHxD)
+
+
+def _on_cpu() -> bool:
+    """True when tracing for the CPU backend (the default backend is what jit uses)."""
+    return jax.default_backend() == "cpu"
 
 
 def dense_causal(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, **kw) -> Array:

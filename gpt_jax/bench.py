@@ -1,0 +1,333 @@
+"""Training and sampling speed of a config on this machine: `python -m gpt_jax.bench`.
+
+    python -m gpt_jax.bench --config=experiments/tiny.py [--config.train.batch_size=8]
+        [--repeats=5] [--steps=10] [--json_out=bench.json] [--mode=train|attention]
+
+`train` times the exact program training runs (`loop.build_trainer`: the jitted,
+sharded, donating train step) on random params and random token batches of the
+config's shape, after compilation and warm-up, blocking on the result; it reports
+step time (median and spread over repeats), tokens/s, model FLOPs per token, MFU,
+peak memory from XLA's memory analysis, compile time and the KV-cache sampler's
+tokens/s. On CPUs there is no data-sheet peak, so MFU is against a measured float32
+matmul peak (said in the output). `attention` times one attention layer fwd+bwd,
+dense against banded, over contexts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gpt_jax import attention, flops, loop, optim, sample, sharding
+from gpt_jax import model as model_lib
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds for fn() with its result blocked on."""
+    tic = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - tic
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    """Median, min, max and relative spread ((max - min) / median) of repeat times."""
+    med = statistics.median(seconds)
+    return {"median": med, "min": min(seconds), "max": max(seconds),
+            "spread": (max(seconds) - min(seconds)) / med}
+
+
+def measured_cpu_peak(n: int = 1024, iters: int = 8, repeats: int = 10) -> float:
+    """float32 FLOP/s of a jitted loop of n x n matmuls (best of `repeats`): the CPU
+    'peak' behind MFU. On a shared machine it is only as good as the quietest repeat."""
+    @jax.jit
+    def chain(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jax.lax.fori_loop(0, iters, lambda _, x: (x @ b) * 0.5, a)
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / math.sqrt(n)
+    jax.block_until_ready(chain(a, b))
+    best = min(timed(lambda: chain(a, b)) for _ in range(repeats))
+    return 2.0 * n**3 * iters / best
+
+
+def peak_flops(tries: int = 2) -> tuple[float, str]:
+    """(peak FLOP/s per device, where it came from); on CPUs the best of `tries`
+    measurements (call it before and after the timed steps for a robust figure)."""
+    peak = flops.device_peak_flops()
+    if peak is not None:
+        return peak, "data sheet (bf16)"
+    return (max(measured_cpu_peak() for _ in range(tries)),
+            "measured: best float32 1024^3 jitted matmul loop")
+
+
+def memory_bytes(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory analysis: temp, argument, output and their sum ('peak')."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    out = {"temp": m.temp_size_in_bytes, "argument": m.argument_size_in_bytes,
+           "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes}
+    out["peak"] = out["temp"] + out["argument"] + out["output"] - out["alias"]
+    return out
+
+
+class TrainBench:
+    """The real jitted train step of `cfg`, compiled, with random state and batches."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, seed: int = 0,
+                 mesh: jax.sharding.Mesh | None = None) -> None:
+        self.cfg, self.mesh = cfg, mesh or sharding.make_mesh(cfg)
+        self.trainer = loop.build_trainer(cfg, self.mesh)
+        t, m = cfg.train, cfg.model
+        micro = t.batch_size // t.microbatches
+        rng = np.random.default_rng(seed)
+        self.local = rng.integers(0, m.vocab_size, (t.microbatches, micro, m.context + 1),
+                                  dtype=np.int32)
+        self.batch = loop.global_batch(self.local, self.mesh)
+        self.rng = jax.random.key(seed + 1)
+        self.num_micro = optim.microbatches_at(cfg, 0)
+        tic = time.perf_counter()
+        self.state = self.trainer.init_state(jax.random.key(seed))
+        jax.block_until_ready(self.state)
+        self.init_s = time.perf_counter() - tic
+        tic = time.perf_counter()
+        self.compiled = self.trainer.train_step.lower(
+            self.state, self.batch, self.rng, self.num_micro).compile()
+        self.compile_s = time.perf_counter() - tic
+        self.tokens_per_step = t.batch_size * m.context
+
+    def steps(self, n: int, loop_overhead: bool = False) -> float:
+        """Seconds per step over n steps. With `loop_overhead`, also pays what `loop.run`
+        does on the host each step (batch -> global array, the microbatch count)."""
+        tic = time.perf_counter()
+        for step in range(n):
+            if loop_overhead:
+                batch = loop.global_batch(self.local, self.mesh)
+                num_micro = optim.microbatches_at(self.cfg, step)
+            else:
+                batch, num_micro = self.batch, self.num_micro
+            self.state, metrics = self.compiled(self.state, batch, self.rng, num_micro)
+        jax.block_until_ready((self.state, metrics))
+        return (time.perf_counter() - tic) / n
+
+    def loss(self) -> float:
+        """Loss of the current state on the bench batch (one step, state advances)."""
+        self.state, metrics = self.compiled(self.state, self.batch, self.rng, self.num_micro)
+        return float(metrics["loss"])
+
+
+def sampler_tokens_per_s(cfg: ml_collections.ConfigDict, params: Any, batch: int = 1,
+                         prompt_len: int = 32, new_tokens: int = 64, repeats: int = 3) -> float:
+    """Generated tokens/s of the KV-cache sampler (greedy, prefill + while loop)."""
+    m = ml_collections.ConfigDict(cfg.model.to_dict())
+    m.context = max(m.context, prompt_len + new_tokens)
+    if m.context != cfg.model.context:  # a longer position table; timing only
+        params = dict(params)
+        params["wpe"] = {"embedding": jnp.zeros((m.context, m.d_model), jnp.float32)}
+    dec = sample.make_decoder(m, sample.SamplingConfig(temperature=0.0), prompt_len,
+                              new_tokens, eot_id=-1)
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (batch, prompt_len), np.int32)
+    pad, keys = np.zeros(batch, np.int32), sample.row_keys(0, batch)
+    jax.block_until_ready(dec.generate(params, tokens, pad, keys))
+    best = min(timed(lambda: dec.generate(params, tokens, pad, keys)) for _ in range(repeats))
+    return batch * new_tokens / best
+
+
+def compile_report(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Compile the train step only (no params are allocated): memory and compile time."""
+    mesh = sharding.make_mesh(cfg)
+    trainer = loop.build_trainer(cfg, mesh)
+    t, m = cfg.train, cfg.model
+    state = jax.eval_shape(trainer.init_state, jax.random.key(0))
+    batch = jax.ShapeDtypeStruct((t.microbatches, t.batch_size // t.microbatches,
+                                  m.context + 1), jnp.int32)
+    tic = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch, jax.random.key(1),
+                                        optim.microbatches_at(cfg, 0)).compile()
+    return {"config": cfg.name, "device": jax.devices()[0].device_kind,
+            "batch": t.batch_size, "context": m.context, "remat": m.remat,
+            "memory_bytes": memory_bytes(compiled), "compile_s": time.perf_counter() - tic}
+
+
+def run_train(cfg: ml_collections.ConfigDict, repeats: int = 5, steps: int = 10,
+              warmup: int = 2, sampler: bool = True) -> dict[str, Any]:
+    """All of the `train` mode's figures as a dict."""
+    bench = TrainBench(cfg)
+    peak_before, _ = peak_flops(1)
+    bench.steps(warmup)
+    times = [bench.steps(steps) for _ in range(repeats)]
+    with_loop = [bench.steps(steps, loop_overhead=True) for _ in range(max(1, repeats // 2))]
+    s = summary(times)
+    n_params = model_lib.count_params(bench.trainer.abstract_params)
+    fpt = flops.flops_per_token(cfg.model, n_params)
+    peak, peak_src = peak_flops(1)
+    peak = max(peak, peak_before)
+    tok_s = bench.tokens_per_step / s["median"]
+    out: dict[str, Any] = {
+        "config": cfg.name, "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(), "params": n_params,
+        "batch": cfg.train.batch_size, "microbatches": cfg.train.microbatches,
+        "context": cfg.model.context, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
+        "step_time_s": s, "tokens_per_s": tok_s,
+        "step_time_with_loop_overhead_s": statistics.median(with_loop),
+        "flops_per_token": fpt, "peak_flops": peak, "peak_source": peak_src,
+        "mfu": tok_s * fpt / (peak * jax.device_count()),
+        "memory_bytes": memory_bytes(bench.compiled), "compile_s": bench.compile_s,
+        "load_average": _load_average()}
+    if sampler:
+        params = jax.device_get(bench.state["params"])
+        out["sampler_tokens_per_s"] = sampler_tokens_per_s(cfg, params)
+        out["sampler"] = "KV cache, batch 1, 32-token prompt -> 64 new tokens, greedy"
+    return out
+
+
+def attention_layer_step(d_model: int, n_head: int, batch: int, context: int,
+                         window: int | None) -> Callable[[], Any]:
+    """A jitted fwd+bwd of one attention op (dense if window is None, else banded)."""
+    hd = d_model // n_head
+    keys = jax.random.split(jax.random.key(context), 3)
+    q, k, v = (jax.random.normal(kk, (batch, context, n_head, hd), jnp.float32) for kk in keys)
+
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        if window is None:
+            y = attention.dense_causal(q, k, v)
+        else:
+            y = attention.banded_causal(q, k, v, window=window)
+        return jnp.sum(y * y)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    jax.block_until_ready(grad(q, k, v))
+    return lambda: grad(q, k, v)
+
+
+def run_attention(d_model: int = 768, n_head: int = 12, batch: int = 1, window: int = 256,
+                  contexts: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 5
+                  ) -> dict[str, Any]:
+    """Dense vs banded attention fwd+bwd times (median over alternating repeats)."""
+    rows = []
+    for t in contexts:
+        dense, banded = (attention_layer_step(d_model, n_head, batch, t, w)
+                         for w in (None, window))
+        td, tb = [], []
+        for _ in range(repeats):  # interleaved so load changes hit both alike; each timed
+            for fn, ts in ((dense, td), (banded, tb)):  # call follows an untimed one of its
+                jax.block_until_ready(fn())  # own, so it never pays for the other's
+                ts.append(timed(fn))  # freed gigabytes (page faults, cold caches)
+        rows.append({"context": t, "dense_s": summary(td), "banded_s": summary(tb),
+                     "speedup": statistics.median(td) / statistics.median(tb)})
+    return {"d_model": d_model, "n_head": n_head, "batch": batch, "window": window,
+            "rows": rows, "load_average": _load_average()}
+
+
+def _load_average() -> list[float] | None:
+    try:
+        import os
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def format_train(r: dict[str, Any]) -> str:
+    """The train figures as an aligned table."""
+    s, mem = r["step_time_s"], r["memory_bytes"] or {}
+    gib = 2.0**30
+    rows = [
+        ("config", r["config"]),
+        ("device", f"{r['device']} x{r['devices']}"),
+        ("params", f"{r['params']:,}"),
+        ("batch x context", f"{r['batch']} x {r['context']} (M={r['microbatches']}, "
+                            f"{r['dtype']}, remat={r['remat']})"),
+        ("step time", f"{s['median'] * 1e3:.2f} ms median (min {s['min'] * 1e3:.2f}, "
+                      f"max {s['max'] * 1e3:.2f}, spread {s['spread']:.1%})"),
+        ("step time + loop host work", f"{r['step_time_with_loop_overhead_s'] * 1e3:.2f} ms"),
+        ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
+        ("model FLOPs/token", f"{r['flops_per_token']:.4g}"),
+        ("peak FLOP/s", f"{r['peak_flops']:.4g} ({r['peak_source']})"),
+        ("MFU", f"{r['mfu']:.1%}"),
+        ("peak memory (XLA)", f"{mem.get('peak', 0) / gib:.3f} GiB (temp "
+                              f"{mem.get('temp', 0) / gib:.3f}, args "
+                              f"{mem.get('argument', 0) / gib:.3f}, out "
+                              f"{mem.get('output', 0) / gib:.3f}, aliased "
+                              f"{mem.get('alias', 0) / gib:.3f})"),
+        ("compile time", f"{r['compile_s']:.1f} s"),
+    ]
+    if "sampler_tokens_per_s" in r:
+        rows.append(("sampler tokens/s", f"{r['sampler_tokens_per_s']:,.1f} ({r['sampler']})"))
+    rows.append(("load average", str(r["load_average"])))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def format_attention(r: dict[str, Any]) -> str:
+    """The attention figures as a table."""
+    lines = [f"one attention op fwd+bwd: d_model {r['d_model']}, {r['n_head']} heads, "
+             f"batch {r['batch']}, window {r['window']}, float32; load {r['load_average']}",
+             f"{'context':>8} {'dense ms':>10} {'banded ms':>10} {'speedup':>8}"]
+    for row in r["rows"]:
+        lines.append(f"{row['context']:>8} {row['dense_s']['median'] * 1e3:10.1f} "
+                     f"{row['banded_s']['median'] * 1e3:10.1f} {row['speedup']:7.2f}x")
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    """The bench CLI's flags (called only from __main__)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+    flags.DEFINE_enum("mode", "train", ["train", "compile", "attention"],
+                      "train: time the train step; compile: memory/compile time only; "
+                      "attention: dense vs banded attention.")
+    flags.DEFINE_integer("repeats", 5, "Timed repeats (median and spread over them).")
+    flags.DEFINE_integer("steps", 10, "Train steps per repeat.")
+    flags.DEFINE_boolean("sampler", True, "Also time the KV-cache sampler.")
+    flags.DEFINE_string("contexts", "1024,2048,4096", "attention mode: contexts to time.")
+    flags.DEFINE_integer("attn_batch", 1, "attention mode: batch size.")
+    flags.DEFINE_string("json_out", None, "Also write the figures as JSON here.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    from gpt_jax import cli
+    from gpt_jax.config import validate
+
+    cli.start()
+    f = flags.FLAGS
+    if f.mode == "train":
+        if f.config is None:
+            raise flags.ValidationError("--config is required for --mode=train")
+        result = run_train(validate(f.config), f.repeats, f.steps, sampler=f.sampler)
+        print(format_train(result))
+    elif f.mode == "compile":
+        result = compile_report(validate(f.config))
+        mem = result["memory_bytes"] or {}
+        print(f"{result['config']} batch {result['batch']} x {result['context']}, remat "
+              f"{result['remat']}: peak {mem.get('peak', 0) / 2**30:.3f} GiB (temp "
+              f"{mem.get('temp', 0) / 2**30:.3f} GiB), compiled in {result['compile_s']:.1f} s")
+    else:
+        m = f.config.model if f.config is not None else ml_collections.ConfigDict(
+            {"d_model": 768, "n_head": 12, "window": 256})
+        result = run_attention(m.d_model, m.n_head, f.attn_batch, m.window,
+                               tuple(int(c) for c in f.contexts.split(",")), f.repeats)
+        print(format_attention(result))
+    if f.json_out:
+        with open(f.json_out, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)
