@@ -84,3 +84,13 @@ require_int() {
     usage_error "flag $1 must be an integer >= $3 (got '$2')"
   fi
 }
+
+# reject_dry_run_after_dashes OVERRIDES...: --dry-run after `--` would reach the trainer
+# (and the real commands would run), so refuse it.
+reject_dry_run_after_dashes() {
+  local o
+  for o in "$@"; do
+    [[ $o != --dry-run ]] || usage_error "--dry-run after \`--\` would go to the trainer; put it before \`--\`"
+  done
+}
+

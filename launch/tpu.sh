@@ -101,9 +101,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 # ---- validation ---------------------------------------------------------------------------
-for o in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
-  [[ $o != --dry-run ]] || usage_error "--dry-run after \`--\` would go to the trainer; put it before \`--\`"
-done
+reject_dry_run_after_dashes ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 require --name "$NAME"
 require --zone "$ZONE"
 require_int --node-count "$NODE_COUNT" 1

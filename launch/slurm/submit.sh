@@ -47,9 +47,7 @@ while [[ $# -gt 0 ]]; do
     *) usage_error "unknown flag '$1'" ;;
   esac
 done
-for o in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
-  [[ $o != --dry-run ]] || usage_error "--dry-run after \`--\` would go to the trainer; put it before \`--\`"
-done
+reject_dry_run_after_dashes ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 require --config "$CONFIG"
 require --workdir "$WORKDIR"
 require_int --nodes "$NODES" 1
