@@ -172,14 +172,10 @@ class LayerGroup(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: Array, step: attention.DecodeStep | None = None
                  ) -> tuple[Array, None]:
+        # Not rematerialised per block: `GPT` remats the whole group it scans.
         for j in range(layer_period(self.cfg)):
-            if self.decode:  # inference: no remat (it only matters for gradients)
-                x_BxTxD = Block(self.cfg, is_banded(self.cfg, j), self.deterministic, True,
-                                name=f"layer_{j}")(x_BxTxD, step)
-            else:
-                x_BxTxD = _maybe_remat(Block, self.cfg)(
-                    self.cfg, is_banded(self.cfg, j), self.deterministic,
-                    name=f"layer_{j}")(x_BxTxD)
+            x_BxTxD = Block(self.cfg, is_banded(self.cfg, j), self.deterministic, self.decode,
+                            name=f"layer_{j}")(x_BxTxD, step)
         return x_BxTxD, None
 
 
@@ -216,28 +212,21 @@ class GPT(nn.Module):
             positions_BxT = jnp.arange(tokens_BxT.shape[1])[None, :]
         x_BxTxD = wte(tokens_BxT) + wpe(positions_BxT)
         x_BxTxD = nn.Dropout(cfg.embd_pdrop, deterministic=deterministic)(x_BxTxD).astype(dtype)
-        if decode and cfg.scan_layers:  # the cache gets a leading layers axis, like params
+        # Decoding needs no remat (it only matters for gradients); scanned, the cache
+        # gets a leading layers axis like the params.
+        if cfg.scan_layers:
             x_BxTxD, _ = nn.scan(
-                LayerGroup, variable_axes={"params": 0, "cache": 0},
+                LayerGroup if decode else _maybe_remat(LayerGroup, cfg),
+                variable_axes={"params": 0, "cache": 0} if decode else {"params": 0},
                 split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                 length=cfg.n_layer // layer_period(cfg),
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, deterministic, True, name="h")(x_BxTxD, decode_step)
-        elif decode:
-            for i in range(cfg.n_layer):
-                x_BxTxD = Block(cfg, is_banded(cfg, i), deterministic, True,
-                                name=f"h_{i}")(x_BxTxD, decode_step)
-        elif cfg.scan_layers:
-            x_BxTxD, _ = nn.scan(
-                _maybe_remat(LayerGroup, cfg), variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                length=cfg.n_layer // layer_period(cfg),
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, deterministic, name="h")(x_BxTxD, None)
+            )(cfg, deterministic, decode, name="h")(x_BxTxD, decode_step)
         else:
+            block = Block if decode else _maybe_remat(Block, cfg)
             for i in range(cfg.n_layer):
-                x_BxTxD = _maybe_remat(Block, cfg)(
-                    cfg, is_banded(cfg, i), deterministic, name=f"h_{i}")(x_BxTxD)
+                x_BxTxD = block(cfg, is_banded(cfg, i), deterministic, decode,
+                                name=f"h_{i}")(x_BxTxD, decode_step)
         if cfg.norm == "pre":
             x_BxTxD = layer_norm(cfg, "ln_f")(x_BxTxD)
         if return_hidden:
