@@ -56,13 +56,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All rows of a run's metrics.jsonl (a resumed run's repeated steps: last wins)."""
-    path = os.path.join(workdir, METRICS_FILE)
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All rows of a run's metrics.jsonl, local or gs:// (a resumed run's repeated steps:
+    last wins; a line still being written is skipped)."""
+    from etils import epath
+
     rows: dict[tuple, dict] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                rows[(row["step"], "eval_loss" in row)] = row
+    for line in (epath.Path(workdir) / METRICS_FILE).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a run still writing
+        rows[(row["step"], "eval_loss" in row)] = row
     return sorted(rows.values(), key=lambda r: r["step"])

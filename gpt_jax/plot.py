@@ -20,7 +20,6 @@ log-log least-squares fit of L(C) = a * C^(-b).
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -36,8 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
-from gpt_jax import checkpoint, model
-from gpt_jax.metrics import METRICS_FILE
+from gpt_jax import checkpoint, metrics, model
 
 WORKDIRS_ENV = "GPT_JAX_WORKDIRS"
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu")
@@ -126,19 +124,6 @@ class Scaling:
 # ---------------------------------------------------------------- loading
 
 
-def read_rows(workdir: str) -> list[dict[str, Any]]:
-    """Rows of a run's metrics.jsonl, local or gs://, like `metrics.read_metrics`
-    (a resumed run's repeated steps: last wins); a half-written last line is skipped."""
-    rows: dict[tuple, dict] = {}
-    for line in (epath.Path(workdir) / METRICS_FILE).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a run still writing
-        rows[(row["step"], "eval_loss" in row)] = row
-    return sorted(rows.values(), key=lambda r: r["step"])
-
-
 def _float(value: Any) -> float:
     """JSON value -> float: None -> NaN; "nan"/"inf" (how MetricsWriter writes them) parse."""
     return math.nan if value is None else float(value)
@@ -153,7 +138,7 @@ def columns(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, np
 def load_run(workdir: str, label: str | None = None) -> Run:
     """A workdir's config and metrics; labelled by its config name unless `label` is given."""
     cfg = checkpoint.read_config(str(workdir))
-    rows = read_rows(str(workdir))
+    rows = metrics.read_metrics(str(workdir))
     return Run(workdir=str(workdir), label=label or cfg.get("name", os.path.basename(workdir)),
                config=cfg,
                train=columns([r for r in rows if "loss" in r], TRAIN_KEYS),

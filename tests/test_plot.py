@@ -62,14 +62,14 @@ def test_fit_power_law_recovers_known_exponent():
         plot.fit_power_law([1e18, 1e18], [3.0, 3.1])
 
 
-def test_read_rows_like_read_metrics(tmp_path):
+def test_read_metrics_for_plots(tmp_path):
     (tmp_path / metrics.METRICS_FILE).write_text(
         '{"step": 1, "loss": 5.0, "tokens": 8, "mfu": null}\n'
         '{"step": 2, "loss": "nan", "tokens": 16}\n'
         '{"step": 2, "loss": 4.0, "tokens": 16}\n'  # a resumed run repeats step 2: last wins
         '{"step": 2, "eval_loss": 4.5, "tokens": 16}\n'
         '{"step": 3, "lo')  # still being written
-    rows = plot.read_rows(str(tmp_path))
+    rows = metrics.read_metrics(str(tmp_path))
     assert [r.get("loss", r.get("eval_loss")) for r in rows] == [5.0, 4.0, 4.5]
     cols = plot.columns([r for r in rows if "loss" in r], plot.TRAIN_KEYS)
     np.testing.assert_array_equal(cols["tokens"], [8, 16])
