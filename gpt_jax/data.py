@@ -560,6 +560,25 @@ def eval_batches(tokens: np.ndarray, *, global_batch: int, context: int, num_bat
 # each); `loop.microbatched` then slices a batch for this host.
 
 
+def read_jsonl(path: str, required: Sequence[str]) -> list[dict]:
+    """All objects of a JSONL file; each must have the `required` keys."""
+    if not path:
+        raise ConfigError(f"no JSONL file given for the {list(required)} data")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{n}: missing {missing}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
 def epoch_batch(arrays: dict[str, np.ndarray], *, seed: int, step: int,
                 batch_size: int) -> dict[str, np.ndarray]:
     """Batch `step` of a seeded per-epoch shuffle: a pure function of (seed, step)."""

@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from gpt_jax import checkpoint as ckpt_lib
+from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax import sharding
 from gpt_jax.tokenizer import Tokenizer, load_tokenizer
@@ -212,11 +213,6 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: needs 'eval' (a JSONL file) or 'tfds'")
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def check_example(example: dict, task_type: str, where: str) -> dict:
     """Validates one example against the schema; returns it."""
     if not isinstance(example.get("context"), str):
@@ -251,10 +247,10 @@ def load_task(path: str, limit: int = 0) -> tuple[TaskSpec, list[dict], list[dic
         train = tfds_examples(t["name"], train_split, t["adapter"], t.get("data_dir", "")) \
             if train_split else None
     else:
-        evals = read_jsonl(os.path.join(base, spec.eval))
+        evals = data_lib.read_jsonl(os.path.join(base, spec.eval), ())
         if spec.max_examples:
             evals = evals[:spec.max_examples]
-        train = read_jsonl(os.path.join(base, spec.train)) if spec.train else None
+        train = data_lib.read_jsonl(os.path.join(base, spec.train), ()) if spec.train else None
     for name, split in (("eval", evals), ("train", train or [])):
         for i, ex in enumerate(split):
             check_example(ex, spec.type, f"{spec.name} {name} example {i}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -252,14 +251,8 @@ def tfds_examples(name: str, split: str, data_dir: str = "") -> Iterator[tuple[d
 def jsonl_examples(path: str) -> Iterator[tuple[dict, float]]:
     """(texts, label) pairs from JSONL: one object per line with the task's text fields
     (see `transform`) and `label` (class index, choice index or similarity score)."""
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "label" not in row:
-                raise ValueError(f"{path}:{n}: missing 'label'")
-            yield {k: v for k, v in row.items() if k != "label"}, float(row["label"])
+    for row in data_lib.read_jsonl(path, ("label",)):
+        yield {k: v for k, v in row.items() if k != "label"}, float(row["label"])
 
 
 def load_split(ft: ml_collections.ConfigDict, split: str) -> list[tuple[dict, float]]:

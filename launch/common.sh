@@ -30,23 +30,21 @@ quote_dq() {
   fi
 }
 
-# quote_cmd ARGS...: one line that re-parses (sh, bash, shlex.split) into exactly ARGS.
-quote_cmd() {
-  local out="" a
+# quote_each QUOTER ARGS...: ARGS on one line, each passed through QUOTER.
+quote_each() {
+  local quoter=$1 out="" a
+  shift
   for a in "$@"; do
-    out+="${out:+ }$(quote "$a")"
+    out+="${out:+ }$("$quoter" "$a")"
   done
   printf '%s\n' "$out"
 }
 
+# quote_cmd ARGS...: one line that re-parses (sh, bash, shlex.split) into exactly ARGS.
+quote_cmd() { quote_each quote "$@"; }
+
 # quote_cmd_dq ARGS...: like quote_cmd, with quote_dq.
-quote_cmd_dq() {
-  local out="" a
-  for a in "$@"; do
-    out+="${out:+ }$(quote_dq "$a")"
-  done
-  printf '%s\n' "$out"
-}
+quote_cmd_dq() { quote_each quote_dq "$@"; }
 
 # run CMD ARGS...: with --dry-run print the command on stdout (nothing is executed);
 # otherwise echo it to stderr as "+ cmd" and execute it, returning its status.

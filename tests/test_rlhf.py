@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 from test_optim import experiment
 
-from gpt_jax import metrics, sharding, train
+from gpt_jax import data, metrics, sharding, train
 from gpt_jax.rlhf import common, ppo, reward, sft
 from gpt_jax.tokenizer import load_tokenizer
 
@@ -160,7 +160,7 @@ def test_sft_reward_ppo_chain_and_exact_resume(world, tmp_path, monkeypatch):
     tok = load_tokenizer(rm_dir)
     demos = common.pad_examples([common.encode_example(
         tok.encode, tok.eot_id, r["prompt"], r["response"], 40) for r in
-        common.read_jsonl(world["sft.jsonl"], ("prompt", "response"))], 40, tok.eot_id)
+        data.read_jsonl(world["sft.jsonl"], ("prompt", "response"))], 40, tok.eot_id)
     assert abs(reward.mean_reward(model_cfg, params, demos, 8, mesh)) < 1e-3
 
     def ppo_cfg():

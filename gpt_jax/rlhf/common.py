@@ -10,7 +10,6 @@ policy learns and where the reward model reads its score. Sequences are right-pa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,34 +19,16 @@ import numpy as np
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
+from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax.config import ConfigError
-
-
-def read_jsonl(path: str, required: Sequence[str]) -> list[dict]:
-    """All objects of a JSONL file; each must have the `required` keys."""
-    if not path:
-        raise ConfigError(f"no JSONL file given for the {list(required)} data")
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{n}: missing {missing}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no examples")
-    return rows
 
 
 def train_val(rows: list[dict], val_path: str, required: Sequence[str]
               ) -> tuple[list[dict], list[dict]]:
     """(train, validation): the validation file, or every 10th training row held out."""
     if val_path:
-        return rows, read_jsonl(val_path, required)
+        return rows, data_lib.read_jsonl(val_path, required)
     held = set(range(9, len(rows), 10)) or {len(rows) - 1}
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 

@@ -344,7 +344,7 @@ def initial_params(cfg: ml_collections.ConfigDict, value_cfg: ml_collections.Con
 
 
 def prompt_ids(cfg: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> list[list[int]]:
-    rows = common.read_jsonl(cfg.ppo.prompts_jsonl, ("prompt",))
+    rows = data_lib.read_jsonl(cfg.ppo.prompts_jsonl, ("prompt",))
     return [tok.encode(r["prompt"]) or [tok.eot_id] for r in rows]
 
 

@@ -153,7 +153,7 @@ def demonstrations(cfg: ml_collections.ConfigDict, train_rows: list[dict]
                    ) -> tuple[list[tuple[str, str]], str]:
     """(prompt, response) pairs that define reward 0, and a description of them."""
     if cfg.reward.demo_jsonl:
-        rows = common.read_jsonl(cfg.reward.demo_jsonl, ("prompt", "response"))
+        rows = data_lib.read_jsonl(cfg.reward.demo_jsonl, ("prompt", "response"))
         return [(r["prompt"], r["response"]) for r in rows], cfg.reward.demo_jsonl
     demos = []
     for row in train_rows:
@@ -245,7 +245,7 @@ def train_reward(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -
     cfg = common.stage_config(cfg, init_from)
     tok = tokenizer_lib.load_tokenizer(init_from)
     r = cfg.reward
-    train_rows, val_rows = common.train_val(common.read_jsonl(r.train_jsonl, REQUIRED),
+    train_rows, val_rows = common.train_val(data_lib.read_jsonl(r.train_jsonl, REQUIRED),
                                             r.val_jsonl, REQUIRED)
     cfg.train.steps = max(1, r.epochs * (len(train_rows) // cfg.train.batch_size))
     cfg = rlhf.validate(cfg)

@@ -100,7 +100,7 @@ def sft(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> dict:
     """Fine-tunes the GPT of workdir `init_from` on the demonstrations; final metrics."""
     cfg = common.stage_config(cfg, init_from)
     tok = tokenizer_lib.load_tokenizer(init_from)
-    rows = common.read_jsonl(cfg.sft.train_jsonl, REQUIRED)
+    rows = data_lib.read_jsonl(cfg.sft.train_jsonl, REQUIRED)
     train_rows, val_rows = common.train_val(rows, cfg.sft.val_jsonl, REQUIRED)
     cfg.train.steps = max(1, cfg.sft.epochs * (len(train_rows) // cfg.train.batch_size))
     cfg = rlhf.validate(cfg)
