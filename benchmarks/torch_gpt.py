@@ -76,12 +76,14 @@ def from_config(m: Any) -> TorchGPT:
 
 
 def make_optimizer(model: TorchGPT, o: Any, lr: float) -> torch.optim.AdamW:
-    """AdamW with gpt_jax's betas/eps/decay, decay only on >=2-D weights (foreach default)."""
+    """AdamW with gpt_jax's betas/eps/decay, decay only on >=2-D weights; the fused CUDA
+    kernel on GPUs (as nanoGPT), torch's default (foreach) elsewhere."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
+    fused = True if next(model.parameters()).is_cuda else None
     return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                               {"params": rest, "weight_decay": 0.0}],
-                             lr=lr, betas=(o.b1, o.b2), eps=o.eps)
+                             lr=lr, betas=(o.b1, o.b2), eps=o.eps, fused=fused)
 
 
 def train_step(model: TorchGPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,

@@ -60,13 +60,15 @@ def measured_cpu_peak(n: int = 1024, iters: int = 8, repeats: int = 10) -> float
 
 
 def peak_flops(tries: int = 2) -> tuple[float, str]:
-    """(peak FLOP/s per device, where it came from); on CPUs the best of `tries`
-    measurements (call it before and after the timed steps for a robust figure)."""
+    """(peak FLOP/s of all devices together, where it came from). Accelerators: the data
+    sheet x device count. CPUs: the best of `tries` measurements of the whole host (its
+    matmuls use every core, however many XLA devices the cores are split into); call it
+    before and after the timed steps for a robust figure."""
     peak = flops.device_peak_flops()
     if peak is not None:
-        return peak, "data sheet (bf16)"
+        return peak * jax.device_count(), f"data sheet (bf16) x {jax.device_count()} devices"
     return (max(measured_cpu_peak() for _ in range(tries)),
-            "measured: best float32 1024^3 jitted matmul loop")
+            "measured on the host: best float32 1024^3 jitted matmul loop")
 
 
 def memory_bytes(compiled: Any) -> dict[str, int] | None:
@@ -180,7 +182,7 @@ def run_train(cfg: ml_collections.ConfigDict, repeats: int = 5, steps: int = 10,
         "step_time_s": s, "tokens_per_s": tok_s,
         "step_time_with_loop_overhead_s": statistics.median(with_loop),
         "flops_per_token": fpt, "peak_flops": peak, "peak_source": peak_src,
-        "mfu": tok_s * fpt / (peak * jax.device_count()),
+        "mfu": tok_s * fpt / peak,
         "memory_bytes": memory_bytes(bench.compiled), "compile_s": bench.compile_s,
         "load_average": _load_average()}
     if sampler:

@@ -27,12 +27,15 @@ def define_run_flags(config_help: str = "Experiment config file.", init_from: bo
 
 
 def start() -> None:
-    """Quiets INFO logs (orbax logs every file) unless --verbosity was given, and joins
-    the other processes of a multi-process run."""
+    """Quiets INFO logs (orbax logs every file) unless --verbosity was given, splits a
+    CPU-only host into `mesh.cpu_devices` devices, and joins the other processes of a
+    multi-process run."""
     from gpt_jax import sharding
 
     f = flags.FLAGS
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    if "config" in f and f.config is not None:
+        sharding.set_cpu_devices(f.config)
     if "coordinator_address" in f:
         sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)

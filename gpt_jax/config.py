@@ -111,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
     mesh.model = 1
     mesh.fsdp = False  # shard params and optimizer state over 'data' too
     mesh.dcn_data = 1  # data parallelism across TPU slices (multi-slice)
+    # CPU-only hosts: split the cores into this many XLA devices, so the data axis runs
+    # across cores (XLA runs most small ops of one CPU device on one thread). Applied
+    # by the CLI before JAX starts; no effect on TPU/GPU devices.
+    mesh.cpu_devices = 1
     return cfg
 
 
@@ -243,6 +247,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("mesh.model", cfg.mesh.model, "must be >= 1")
     if cfg.mesh.data == 0 or cfg.mesh.data < -1:
         _fail("mesh.data", cfg.mesh.data, "must be -1 (all remaining devices) or >= 1")
+    if cfg.mesh.get("cpu_devices", 1) < 1:
+        _fail("mesh.cpu_devices", cfg.mesh.cpu_devices, "must be >= 1 (1: XLA's single CPU device)")
     if m.n_head % cfg.mesh.model:
         raise ConfigError(
             f"model.n_head={m.n_head} is not divisible by mesh.model={cfg.mesh.model}")

@@ -125,6 +125,22 @@ def host_local_to_global(local_batch: np.ndarray, mesh: Mesh, batch_axis: int = 
     return jax.make_array_from_process_local_data(sharding, local_batch)
 
 
+def set_cpu_devices(cfg: ml_collections.ConfigDict) -> None:
+    """Splits the host CPU into `mesh.cpu_devices` XLA devices; call before JAX starts.
+
+    On a CPU-only host this makes the `data` axis data-parallel over cores: each
+    device runs its share of the batch on its own thread, where one device runs most
+    of a small model's ops single-threaded (benchmarks/README.md has the profile).
+    An explicit count in the environment (XLA_FLAGS's
+    --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES) wins.
+    """
+    n = cfg.mesh.get("cpu_devices", 1)
+    explicit = ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+                or "JAX_NUM_CPU_DEVICES" in os.environ)
+    if n > 1 and not explicit:
+        jax.config.update("jax_num_cpu_devices", n)
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> None:

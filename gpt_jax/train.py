@@ -69,7 +69,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     corpus.tokenizer.save(workdir)
     if jax.process_index() == 0:
         print(f"{cfg.name}: {model_lib.count_params(model_lib.abstract_params(cfg.model)):,} "
-              f"params; {len(corpus.train):,} training tokens; unigram entropy "
+              f"params; mesh {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} of "
+              f"{mesh.size} {mesh.devices.flat[0].platform} devices; "
+              f"{len(corpus.train):,} training tokens; unigram entropy "
               f"{data_lib.unigram_entropy(corpus.val, corpus.tokenizer.vocab_size):.3f} nats "
               f"(validation loss of a model that ignores context)")
     task = loop.Task(

@@ -142,18 +142,21 @@ def test_context_longer_than_corpus_fails_before_compiling(tmp_path):
 
 
 def test_relative_workdir_and_resolved_config(tmp_path):
-    args = train_args("run", "data", steps=2, **{"train.eval_every": 2, "train.ckpt_every": 2})
+    args = train_args("run", "data", steps=2, **{"train.eval_every": 2, "train.ckpt_every": 2,
+                                                 "mesh.cpu_devices": 2})
     args[2] = f"--config={REPO}/experiments/tiny.py:char"
     out = run_python(args, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "mesh data=2 x model=1 of 2 cpu devices" in out.stdout  # the cores, data-parallel
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["steps"] == 2 and saved["model"]["context"] == 32
 
 
-@pytest.mark.parametrize("bad", ["model.n_head=5"])
-def test_bad_config_fails_fast(tmp_path, bad):
+@pytest.mark.parametrize("bad,message", [
+    ("model.n_head=5", "model.d_model=32 is not divisible by model.n_head=5"),
+    ("mesh.cpu_devices=0", "mesh.cpu_devices=0 must be >= 1")])
+def test_bad_config_fails_fast(tmp_path, bad, message):
     field, value = bad.split("=")
     out = run_python(train_args(tmp_path / "run", tmp_path / "data", **{field: value}))
-    assert out.returncode != 0 and "model.d_model=32 is not divisible by model.n_head=5" in (
-        out.stderr)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
