@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -127,6 +128,32 @@ class TrainBench:
         return float(metrics["loss"])
 
 
+def profile_steps(bench: TrainBench, steps: int, logdir: str, top: int = 25
+                  ) -> list[dict[str, Any]]:
+    """Traces `steps` train steps with the JAX profiler into `logdir` (open it in
+    TensorBoard/XProf or Perfetto) and returns the `top` events by total time per step:
+    XLA's thunks/kernels by name, next to the host-side events."""
+    import collections
+    import glob
+
+    from jax.profiler import ProfileData
+
+    jax.profiler.start_trace(logdir)
+    bench.steps(steps)
+    jax.profiler.stop_trace()
+    path = max(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)
+    total_ns: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for plane in ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            for event in line.events:
+                total_ns[(plane.name, event.name)] += event.duration_ns
+                count[(plane.name, event.name)] += 1
+    return [{"plane": plane, "event": name, "ms_per_step": ns / 1e6 / steps,
+             "calls_per_step": count[(plane, name)] / steps}
+            for (plane, name), ns in total_ns.most_common(top)]
+
+
 def sampler_tokens_per_s(cfg: ml_collections.ConfigDict, params: Any, batch: int = 1,
                          prompt_len: int = 32, new_tokens: int = 64, repeats: int = 3) -> float:
     """Generated tokens/s of the KV-cache sampler (greedy, prefill + while loop)."""
@@ -161,8 +188,9 @@ def compile_report(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def run_train(cfg: ml_collections.ConfigDict, repeats: int = 5, steps: int = 10,
-              warmup: int = 2, sampler: bool = True) -> dict[str, Any]:
-    """All of the `train` mode's figures as a dict."""
+              warmup: int = 2, sampler: bool = True, profile_dir: str | None = None
+              ) -> dict[str, Any]:
+    """All of the `train` mode's figures as a dict (with a profile if `profile_dir`)."""
     bench = TrainBench(cfg)
     peak_before, _ = peak_flops(1)
     bench.steps(warmup)
@@ -185,6 +213,9 @@ def run_train(cfg: ml_collections.ConfigDict, repeats: int = 5, steps: int = 10,
         "mfu": tok_s * fpt / peak,
         "memory_bytes": memory_bytes(bench.compiled), "compile_s": bench.compile_s,
         "load_average": _load_average()}
+    if profile_dir:
+        out["profile_dir"] = profile_dir
+        out["profile_top"] = profile_steps(bench, steps, profile_dir)
     if sampler:
         params = jax.device_get(bench.state["params"])
         out["sampler_tokens_per_s"] = sampler_tokens_per_s(cfg, params)
@@ -232,7 +263,6 @@ def run_attention(d_model: int = 768, n_head: int = 12, batch: int = 1, window: 
 
 def _load_average() -> list[float] | None:
     try:
-        import os
         return list(os.getloadavg())
     except OSError:
         return None
@@ -266,7 +296,12 @@ def format_train(r: dict[str, Any]) -> str:
         rows.append(("sampler tokens/s", f"{r['sampler_tokens_per_s']:,.1f} ({r['sampler']})"))
     rows.append(("load average", str(r["load_average"])))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if "profile_top" in r:
+        lines.append(f"profile ({r['profile_dir']}): top events, ms per step")
+        lines += [f"  {e['ms_per_step']:9.3f} ms {e['calls_per_step']:7.1f}x  "
+                  f"{e['event'][:70]}  [{e['plane']}]" for e in r["profile_top"]]
+    return "\n".join(lines)
 
 
 def format_attention(r: dict[str, Any]) -> str:
@@ -295,6 +330,9 @@ def define_flags() -> None:
     flags.DEFINE_string("contexts", "1024,2048,4096", "attention mode: contexts to time.")
     flags.DEFINE_integer("attn_batch", 1, "attention mode: batch size.")
     flags.DEFINE_string("json_out", None, "Also write the figures as JSON here.")
+    flags.DEFINE_string("profile_dir", None,
+                        "train mode: also trace --steps steps with the JAX profiler here and "
+                        "print the top events.")
 
 
 def main(argv: list[str]) -> None:
@@ -309,7 +347,8 @@ def main(argv: list[str]) -> None:
     if f.mode == "train":
         if f.config is None:
             raise flags.ValidationError("--config is required for --mode=train")
-        result = run_train(validate(f.config), f.repeats, f.steps, sampler=f.sampler)
+        result = run_train(validate(f.config), f.repeats, f.steps, sampler=f.sampler,
+                           profile_dir=f.profile_dir)
         print(format_train(result))
     elif f.mode == "compile":
         result = compile_report(validate(f.config))

@@ -1,0 +1,40 @@
+"""The benchmark's figures are computed from real timings, and the PyTorch reference
+trains the same model (equal step-0 loss from the same weights and batch)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from conftest import REPO, tiny_config
+
+from gpt_jax import bench, config
+
+
+def test_train_bench_figures_and_profile(tmp_path):
+    cfg = tiny_config()
+    cfg.train.batch_size = 4
+    r = bench.run_train(config.validate(cfg), repeats=2, steps=2, sampler=True,
+                        profile_dir=str(tmp_path / "profile"))
+    s = r["step_time_s"]
+    assert 0 < s["min"] <= s["median"] <= s["max"]
+    assert r["tokens_per_s"] == pytest.approx(4 * 16 / s["median"])
+    assert 0 < r["mfu"] < 1 and r["peak_source"].startswith("measured")
+    assert r["memory_bytes"]["peak"] > r["memory_bytes"]["argument"] > 0
+    assert r["sampler_tokens_per_s"] > 0
+    events = {e["event"] for e in r["profile_top"]}
+    assert any("train_step" in e for e in events), events  # XLA's execution of the step
+    assert "MFU" in bench.format_train(r) and "profile" in bench.format_train(r)
+
+
+def test_torch_reference_matches_gpt_jax():
+    pytest.importorskip("torch", reason="torch==2.13.0 (hf extra) is not installed")
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import compare
+
+    r = compare.compare("nanogpt", repeats=1, steps=1, use_compile=False, batch=2)
+    assert r["loss0_abs_diff"] < 1e-4, r
+    assert r["jax"]["step_s"] > 0 and r["torch_eager"]["step_s"] > 0
+    assert r["ratio_jax_over_torch_eager"] == pytest.approx(
+        r["torch_eager"]["step_s"] / r["jax"]["step_s"])
