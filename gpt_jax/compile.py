@@ -10,19 +10,34 @@ host CPU devices instead (no libtpu needed; no HBM to fit in).
 
 Printed per chip: XLA's memory analysis (arguments, outputs, temporaries,
 generated code; donated state is counted once) against the chip's HBM, and
-whether it fits; then FLOPs. Figures, per optimizer step:
-- model FLOPs: `flops.flops_per_token` (6N + attention) x batch tokens, the
-  numerator of the trainer's MFU;
-- XLA FLOPs: `compiled.cost_analysis()` of the per-chip program x chips, which
-  also counts rematerialised forwards, the optimizer and elementwise work;
-- compute-bound step time: XLA FLOPs per chip / the chip's peak bf16 FLOP/s, a
-  lower bound (it ignores memory bandwidth, communication and idle time);
-- MFU ceiling: model FLOPs / XLA FLOPs, the MFU the step would reach if every
-  FLOP XLA scheduled ran at peak. Measured MFU can only be lower.
-XLA's cost analysis counts the body of a loop once, so when the step loops
-(`model.scan_layers`, `train.microbatches` > 1, as the GPT-3 configs do) its
-FLOPs are not a per-step total: then no MFU ceiling is given and the step time
-printed is the model FLOPs' time at 100% MFU.
+whether it fits; then what one optimizer step costs and a roofline estimate.
+
+XLA's `cost_analysis()` counts the body of a loop once, and the GPT-3 steps
+loop (`model.scan_layers`, `train.microbatches` > 1), so the costs come from
+`hlo_cost`, a walk of the optimized per-chip HLO (`compiled.as_text()`) that
+weighs each computation by the trip counts of the loops around it: XLA's
+`known_trip_count` where printed (CPU), else the loop condition's
+`counter < constant` (TPU). The microbatch loop's bound is a traced argument
+(the batch ramp), so it is counted `train.microbatches` times, the full batch.
+The walk sums, per chip:
+- matmul FLOPs: dots and convolutions (2 x output x contracted elements; XLA:TPU
+  writes batched matmuls as convolutions whose windows are mostly padding, so
+  only taps on real elements count). Elementwise work is left out; on an
+  unrolled step this is a few percent under `cost_analysis()["flops"]`;
+- HBM bytes: operands + results of the unfused ops (a fusion as one op; slices
+  and in-place updates count only the slice), a rough figure that ignores
+  on-chip reuse;
+- ICI bytes a chip sends per collective, as ring algorithms move them.
+Then, with the chip's peak bf16 FLOP/s, HBM bandwidth and ICI send bandwidth
+(all links; Cloud TPU docs, see `CHIPS`), compute, memory and communication
+times; the step estimate runs from max of the three (communication fully
+overlapped) to max(compute, memory) + communication (not overlapped), and the
+MFU estimate is model FLOPs / (peak x step) over that range. Model FLOPs are
+`flops.flops_per_token` (6N + attention) x batch tokens, the trainer's MFU
+numerator; MFU ceiling = model / compiled matmul FLOPs. Every resource is taken
+at its peak rate, and idle time, latency and collectives that use only one mesh
+axis's links are not modelled, so measured MFU will fall below the overlapped
+end and may fall below the other.
 
 `--table=docs/aot_table.md` compiles the GPT-3 sizes on the slices and settings
 listed in `TABLE` and writes the markdown table of what fits.
@@ -31,6 +46,7 @@ listed in `TABLE` and writes the markdown table of what fits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -52,21 +68,28 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU generation: HBM per chip, peak dense bf16 FLOP/s, topology layout."""
+    """One TPU generation: HBM per chip, peak dense bf16 FLOP/s, bandwidths, topology."""
 
     name: str  # the generation in topology names: 'v4', 'v5p', 'v5e', 'v6e'
     hbm_gib: float
     peak_flops: float
+    hbm_bw: float  # HBM bytes/s per chip
+    ici_bw: float  # bytes/s one chip sends over all its inter-chip (ICI) links together
     dims: int  # 3 for the 3D tori (v4, v5p), 2 for the 2D pods (v5e, v6e)
     cores_per_chip: int  # the number in 'v5p-128' counts TensorCores: 2 per megacore chip
     chip_config: str
 
 
+# From the Cloud TPU system-architecture pages, cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}:
+# HBM GB/s as printed (v4 1200, v5e 819, v5p 2765, v6e 1600), and ICI as half the
+# "bidirectional ICI bandwidth per chip" (v5e 400, v5p 1200, v6e 800 GB/s), which is also
+# the pages' "all-reduce bandwidth per Pod" over the Pod's chips (v5e 51.2 TB/s / 256);
+# the v4 page gives only the latter: 1.1 PB/s / 4096 chips.
 CHIPS = {
-    "v4": Chip("v4", 32, 275e12, 3, 2, "megacore"),
-    "v5p": Chip("v5p", 95, 459e12, 3, 2, "megacore"),
-    "v5e": Chip("v5e", 16, 197e12, 2, 1, "default"),
-    "v6e": Chip("v6e", 32, 918e12, 2, 1, "default"),
+    "v4": Chip("v4", 32, 275e12, 1200e9, 1.1e15 / 4096, 3, 2, "megacore"),
+    "v5p": Chip("v5p", 95, 459e12, 2765e9, 600e9, 3, 2, "megacore"),
+    "v5e": Chip("v5e", 16, 197e12, 819e9, 200e9, 2, 1, "default"),
+    "v6e": Chip("v6e", 32, 918e12, 1600e9, 400e9, 2, 1, "default"),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
 
@@ -151,6 +174,319 @@ def topology_devices(topo: Topology) -> list:
     return list(desc.devices)
 
 
+# Per-step costs read from the optimized per-chip HLO, loops counted (see the docstring).
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
+               "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+               "f64": 8, "c64": 8, "c128": 16}  # and 1 for the f8 types
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+# Ops that move no HBM data of their own: aliases, control flow (its bodies are counted),
+# the -done half of async pairs, and copies between HBM and on-chip memory.
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
+               "call", "conditional", "async-start", "async-update", "async-done",
+               "copy-start", "copy-done", "after-all", "partition-id", "replica-id",
+               "opt-barrier", "add-dependency"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Instr:
+    """One HLO instruction: `name = type opcode(operands), attrs`."""
+
+    name: str
+    type: str
+    opcode: str
+    operands: tuple[str, ...]  # operand names (a parameter's: its number)
+    attrs: str
+
+
+def _closing(text: str, start: int) -> int:
+    """Index just past the bracket that closes text[start]."""
+    pairs, expect = {"(": ")", "{": "}", "[": "]"}, []
+    for i in range(start, len(text)):
+        if text[i] in pairs:
+            expect.append(pairs[text[i]])
+        elif expect and text[i] == expect[-1]:
+            expect.pop()
+            if not expect:
+                return i + 1
+    raise ValueError(f"unbalanced HLO: {text[start:start + 80]!r}")
+
+
+def _parse_instr(line: str) -> Instr | None:
+    match = re.match(r"\s+(?:ROOT )?%?([^\s=]+) = ", line)
+    if not match:
+        return None
+    rest = line[match.end():]
+    type_end = _closing(rest, 0) if rest.startswith("(") else rest.index(" ")
+    type_str, rest = rest[:type_end], rest[type_end:].lstrip()
+    open_at = rest.index("(")
+    close_at = _closing(rest, open_at)
+    operands = []
+    for raw in re.sub(r"/\*.*?\*/", "", rest[open_at + 1:close_at - 1]).split(","):
+        names = re.findall(r"%([^\s,]+)", raw)  # operands may be printed with their types
+        if names or raw.strip():
+            operands.append(names[-1] if names else raw.strip())
+    return Instr(match.group(1), type_str, rest[:open_at], tuple(operands), rest[close_at:])
+
+
+def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
+    """Optimized HLO text (`compiled.as_text()`) -> ({computation: instructions, its ROOT
+    last}, entry)."""
+    comps: dict[str, list[Instr]] = {}
+    entry, current, root = "", None, None
+    for line in text.splitlines():
+        if header := re.match(r"(ENTRY )?%?(\S+) \(.*\) -> .*\{$", line):
+            current = comps.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+        elif line.startswith("}") and current is not None:
+            current += [root] if root else []
+            current, root = None, None
+        elif current is not None and (instr := _parse_instr(line)):
+            if line.lstrip().startswith("ROOT "):
+                root = instr
+            else:
+                current.append(instr)
+    if not entry:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def type_bytes(type_str: str) -> float:
+    """Bytes of an HLO type (f32[8,128]{1,0}, or a tuple of them: summed)."""
+    return sum(DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 0)
+               * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY.findall(type_str))
+
+
+def type_dims(type_str: str) -> tuple[int, ...]:
+    match = _ARRAY.search(type_str)
+    return tuple(int(d) for d in match.group(2).split(",") if d) if match else ()
+
+
+@functools.cache
+def _window_taps(size_in: int, window: int, size_out: int, stride: int, pad_lo: int,
+                 lhs_dilate: int, rhs_dilate: int) -> int:
+    """(output position, window tap) pairs of one convolution dimension that land on an
+    input element, not on padding or a dilation hole. XLA:TPU writes batched matmuls as
+    convolutions whose batch dimensions are "spatial" windows that are mostly padding."""
+    import numpy as np
+    pos = (np.arange(size_out)[:, None] * stride + np.arange(window)[None, :] * rhs_dilate
+           - pad_lo)
+    return int(((pos >= 0) & (pos <= (size_in - 1) * lhs_dilate)
+                & (pos % lhs_dilate == 0)).sum())
+
+
+def matmul_flops(instr: Instr, types: dict[str, str]) -> float:
+    """FLOPs of a dot or convolution: 2 x output elements x contracted elements each."""
+    out = type_dims(instr.type)
+    if instr.opcode == "dot":
+        lhs = type_dims(types[instr.operands[0]])
+        contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+        k = math.prod(lhs[int(d)] for d in contracted.group(1).split(",") if d) if contracted \
+            else 1
+        return 2.0 * math.prod(out) * k
+    if instr.opcode != "convolution":
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = re.search(
+        r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs).groups()
+    lhs, rhs = type_dims(types[instr.operands[0]]), type_dims(types[instr.operands[1]])
+    window = re.search(r"window=\{([^}]*)\}", instr.attrs)
+    fields = dict(f.split("=", 1) for f in window.group(1).split()) if window else {}
+    spatial = sorted(c for c in out_labels if c.isdigit())  # window fields follow this order
+
+    def per_dim(key: str, default: int) -> list[int]:
+        if key not in fields:
+            return [default] * len(spatial)
+        return [int(v.split("_")[0]) for v in fields[key].split("x")]  # pad: lo_hi -> lo
+
+    strides, pads = per_dim("stride", 1), per_dim("pad", 0)
+    lhs_dilate, rhs_dilate = per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)
+    taps = math.prod(
+        _window_taps(lhs[lhs_labels.index(d)], rhs[rhs_labels.index(d)],
+                     out[out_labels.index(d)], strides[i], pads[i], lhs_dilate[i],
+                     rhs_dilate[i]) for i, d in enumerate(spatial))
+    # Each (batch, output feature) pair sums input features x valid taps.
+    return (2.0 * out[out_labels.index("b")] * out[out_labels.index("f")]
+            * rhs[rhs_labels.index("i")] * taps)
+
+
+def group_size(instr: Instr, num_devices: int) -> int:
+    """Devices in each of a collective's replica groups."""
+    attrs = instr.attrs
+    if mesh := re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\([^)]*\))?"
+                         r"(?: \{([^}]*)\})?", attrs):
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+        axes = re.findall(r"'([^']+)'", mesh.group(2)) if mesh.group(2) else list(sizes)
+        return math.prod(int(sizes[a]) for a in axes)
+    if iota := re.search(r"replica_groups=\[(\d+(?:,\d+)*)\]<=", attrs):
+        return math.prod(int(d) for d in iota.group(1).split(",")[1:])
+    if listed := re.search(r"replica_groups=\{\{([\d,]*)\}", attrs):
+        return len(listed.group(1).split(","))
+    return num_devices  # replica_groups={}: one group of every device
+
+
+def collective_kind(instr: Instr) -> str | None:
+    """'all-gather' etc. for a collective or the -start of its async form, else None."""
+    op = instr.opcode.removesuffix("-start")
+    return op if op in COLLECTIVES else None
+
+
+def wire_bytes(instr: Instr, kind: str, types: dict[str, str], num_devices: int) -> float:
+    """Bytes one chip sends for a collective, as ring algorithms move them: an all-gather
+    sends its shard to the n-1 others, a reduce-scatter or all-to-all (n-1)/n of its
+    operand, an all-reduce (a reduce-scatter then an all-gather) twice that."""
+    operand = sum(type_bytes(types[o]) for o in instr.operands)
+    if kind == "collective-permute":
+        pairs = re.findall(r"\{(\d+),(\d+)\}", instr.attrs.split("source_target_pairs=")[-1])
+        moved = sum(a != b for a, b in pairs)
+        return operand * moved / max(len(pairs), 1)
+    n = group_size(instr, num_devices)
+    return operand * {"all-gather": n - 1, "all-reduce": 2 * (n - 1) / n}.get(kind, (n - 1) / n)
+
+
+@dataclasses.dataclass
+class HloCost:
+    """Per-chip costs of one execution of the program (a training step), loops counted."""
+
+    matmul_flops: float = 0.0  # dots and convolutions: what the MXUs do
+    hbm_bytes: float = 0.0  # operand + result bytes of the unfused (top-level) ops
+    collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)  # sent
+    uncounted_loops: int = 0  # while loops without a known trip count (given one instead)
+
+    def add(self, other: HloCost, times: float = 1.0) -> None:
+        self.matmul_flops += times * other.matmul_flops
+        self.hbm_bytes += times * other.hbm_bytes
+        for kind, b in other.collective_bytes.items():
+            self.collective_bytes[kind] = self.collective_bytes.get(kind, 0.0) + times * b
+        self.uncounted_loops += other.uncounted_loops
+
+    @property
+    def ici_bytes(self) -> float:
+        return sum(self.collective_bytes.values())
+
+
+def _traffic_bytes(instr: Instr, comps: dict[str, list[Instr]], types: dict[str, str]
+                   ) -> float:
+    """HBM bytes an unfused op reads and writes: its operands and result, except that a
+    slice reads only the slice and an in-place dynamic-update-slice writes only the update
+    (so a scanned layer reads its own weights, not the whole stack, each iteration)."""
+    if instr.opcode in _NO_TRAFFIC or instr.opcode.endswith("-done") or (
+            instr.opcode == "custom-call" and "AllocateBuffer" in instr.attrs):
+        return 0.0
+    if instr.opcode in ("dynamic-slice", "slice"):
+        return 2.0 * type_bytes(instr.type)
+    if instr.opcode == "dynamic-update-slice":
+        return 2.0 * type_bytes(types[instr.operands[1]])
+    if instr.opcode != "fusion":
+        return type_bytes(instr.type) + sum(type_bytes(types[o]) for o in instr.operands)
+    body = comps[_called(instr, "calls")]
+    params = {i.name: int(i.operands[0]) for i in body if i.opcode == "parameter"}
+    users: dict[str, list[Instr]] = {}
+    for i in body:
+        for o in i.operands:
+            users.setdefault(o, []).append(i)
+    root = body[-1]
+    outputs = [next(i for i in body if i.name == o) for o in root.operands] \
+        if root.opcode == "tuple" else [root]
+    in_place = {o.operands[0] for o in outputs if o.opcode == "dynamic-update-slice"}
+    read = 0.0
+    for name, index in params.items():
+        if name in in_place:
+            continue  # the buffer updated in place: only the update is written
+        uses = users.get(name, [])
+        if uses and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == name
+                        for u in uses):
+            read += sum(type_bytes(u.type) for u in uses)
+        else:
+            read += type_bytes(types[instr.operands[index]])
+    written = sum(type_bytes(types.get(o.operands[1], "")) if o.opcode == "dynamic-update-slice"
+                  else type_bytes(o.type) for o in outputs)
+    return read + written
+
+
+def _called(instr: Instr, key: str) -> str:
+    return re.search(key + r"=%?([^\s,]+)", instr.attrs).group(1)
+
+
+def trip_count(loop: Instr, comps: dict[str, list[Instr]], defs: dict[str, Instr]
+               ) -> int | None:
+    """Iterations of a while loop: XLA's `known_trip_count` where the backend prints it
+    (CPU), else read off a `counter < constant` condition and the counter's constant
+    initial value (TPU; jax's scans and fori_loops step by 1). None if neither."""
+    if known := re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs):
+        return int(known.group(1))
+
+    def source(name: str) -> Instr:  # through copies and bitcasts
+        while defs[name].opcode in ("copy", "bitcast"):
+            name = defs[name].operands[0]
+        return defs[name]
+
+    root = comps[_called(loop, "condition")][-1]
+    if root.opcode != "compare" or "direction=LT" not in root.attrs:
+        return None
+    counter, bound = (source(o) for o in root.operands)
+    init = source(loop.operands[0])
+    index = re.search(r"index=(\d+)", counter.attrs)
+    if (counter.opcode != "get-tuple-element" or bound.opcode != "constant" or not index
+            or init.opcode != "tuple"):
+        return None
+    start = source(init.operands[int(index.group(1))])
+    if start.opcode != "constant":
+        return None
+    return max(int(bound.operands[0]) - int(start.operands[0]), 0)
+
+
+def hlo_cost(hlo_text: str, uncounted_trip_count: int) -> HloCost:
+    """Per-chip matmul FLOPs, HBM bytes and collective bytes of one run of an optimized HLO
+    module, each computation weighted by how often it runs: a while loop's body and
+    condition `trip_count` times, or `uncounted_trip_count` times for a loop over a traced
+    bound (the train step's microbatch loop). Conditional branches count once each."""
+    comps, entry = parse_hlo(hlo_text)
+    partitions = re.search(r"num_partitions=(\d+)", hlo_text.split("\n", 1)[0])
+    num_devices = int(partitions.group(1)) if partitions else 1
+    defs = {i.name: i for body in comps.values() for i in body}
+    types = {name: i.type for name, i in defs.items()}
+    memo: dict[tuple[str, bool], HloCost] = {}
+
+    def cost(name: str, fused: bool) -> HloCost:
+        if (name, fused) in memo:
+            return memo[name, fused]
+        total = HloCost()
+        body = comps[name]
+        users: dict[str, list[str]] = {}
+        for instr in body:
+            for o in instr.operands:
+                users.setdefault(o, []).append(instr.opcode)
+        for instr in body:
+            total.matmul_flops += matmul_flops(instr, types)
+            if kind := collective_kind(instr):
+                if kind == "all-reduce" and fused and set(users.get(instr.name, [])) == {
+                        "dynamic-slice"}:
+                    kind = "reduce-scatter"  # XLA:TPU's all-reduce + slice fusion
+                total.collective_bytes[kind] = total.collective_bytes.get(kind, 0.0) + \
+                    wire_bytes(instr, kind, types, num_devices)
+            if not fused:
+                total.hbm_bytes += _traffic_bytes(instr, comps, types)
+            if instr.opcode == "while":
+                trip = trip_count(instr, comps, defs)
+                total.uncounted_loops += trip is None
+                for key in ("body", "condition"):
+                    total.add(cost(_called(instr, key), fused),
+                              uncounted_trip_count if trip is None else trip)
+            else:  # fusions, calls, async wrappers, conditional branches: once each
+                called = re.findall(r"(?:calls|true_computation|false_computation)=%?([^\s,}]+)",
+                                    instr.attrs)
+                if branches := re.search(r"branch_computations=\{([^}]*)\}", instr.attrs):
+                    called += re.findall(r"%?([^\s,]+)", branches.group(1))
+                for callee in called:
+                    total.add(cost(callee, fused or instr.opcode == "fusion"))
+        memo[name, fused] = total
+        return total
+
+    return cost(entry, False)
+
+
 def abstract_inputs(trainer: loop.Trainer) -> tuple:
     """ShapeDtypeStructs (with shardings) for train_step(state, batch, rng, num_micro)."""
     cfg, mesh = trainer.cfg, trainer.mesh
@@ -173,25 +509,31 @@ def abstract_inputs(trainer: loop.Trainer) -> tuple:
 
 @dataclasses.dataclass
 class Report:
-    """What one AOT compilation says; bytes and FLOPs are per chip unless named total."""
+    """What one AOT compilation says; bytes, FLOPs and seconds are per chip unless named
+    total."""
 
     name: str
     topology: str
     num_chips: int
     mesh: dict[str, int]
     params: int
-    argument_bytes: int
-    output_bytes: int
-    alias_bytes: int
-    temp_bytes: int
-    code_bytes: int
-    hbm_bytes: float | None
-    xla_flops: float  # per chip
+    chip: Chip | None  # None: host CPU devices
     model_flops_total: float
-    peak_flops: float | None
-    compile_s: float
-    loops: bool = False  # scanned layers or a microbatch loop: XLA counts each body once
+    microbatches: int  # the trip count given to the microbatch loop, whose bound is traced
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    cost_analysis_flops: float = 0.0  # XLA's own count: each loop body once
+    hlo: HloCost | None = None  # `hlo_cost` of the compiled program: loops counted
+    hlo_error: str | None = None  # why the optimized HLO could not be read back, if not
+    compile_s: float = 0.0
     error: str | None = None  # the compiler's own out-of-memory message
+
+    @property
+    def hbm_bytes(self) -> float | None:
+        return None if self.chip is None else self.chip.hbm_gib * GIB
 
     @property
     def total_bytes(self) -> int:
@@ -207,21 +549,45 @@ class Report:
         return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
 
     @property
-    def step_time_bound_s(self) -> float | None:
-        """Compute-bound step time at peak: XLA FLOPs per chip / peak (model FLOPs per
-        chip / peak, i.e. the time at 100% MFU, when loops make XLA's count partial)."""
-        if not self.peak_flops:
-            return None
-        if self.loops:
-            return self.model_flops_total / self.num_chips / self.peak_flops
-        return self.xla_flops / self.peak_flops
+    def xla_flops_total(self) -> float | None:
+        """Matmul FLOPs of the compiled step over all chips, loops counted."""
+        return None if self.hlo is None else self.hlo.matmul_flops * self.num_chips
 
     @property
     def mfu_ceiling(self) -> float | None:
-        if self.loops:
+        """Model / compiled matmul FLOPs: the MFU if every matmul ran at peak and nothing
+        else took time."""
+        return self.model_flops_total / self.xla_flops_total if self.xla_flops_total else None
+
+    @property
+    def roofline_s(self) -> dict[str, float] | None:
+        """Seconds per step per chip that each resource needs at its peak rate."""
+        if self.hlo is None or self.chip is None:
             return None
-        xla_total = self.xla_flops * self.num_chips
-        return self.model_flops_total / xla_total if xla_total else None
+        return {"compute": self.hlo.matmul_flops / self.chip.peak_flops,
+                "memory": self.hlo.hbm_bytes / self.chip.hbm_bw,
+                "communication": self.hlo.ici_bytes / self.chip.ici_bw}
+
+    @property
+    def step_s(self) -> tuple[float, float] | None:
+        """Estimated step time: (communication not overlapped: max(compute, memory) + ICI,
+        communication fully overlapped: max of the three)."""
+        if (t := self.roofline_s) is None:
+            return None
+        return (max(t["compute"], t["memory"]) + t["communication"], max(t.values()))
+
+    @property
+    def bound(self) -> str | None:
+        """The resource that takes longest."""
+        return None if (t := self.roofline_s) is None else max(t, key=t.__getitem__)
+
+    @property
+    def mfu_estimate(self) -> tuple[float, float] | None:
+        """Model FLOPs per chip / (peak x estimated step): (no overlap, full overlap)."""
+        if (step := self.step_s) is None:
+            return None
+        ideal_s = self.model_flops_total / self.num_chips / self.chip.peak_flops
+        return ideal_s / step[0], ideal_s / step[1]
 
 
 def compile_train_step(cfg: ml_collections.ConfigDict, topo: Topology,
@@ -235,11 +601,8 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topo: Topology,
     trainer = loop.build_trainer(cfg, mesh)
     n_params = model_lib.count_params(trainer.abstract_params)
     model_flops = flops_per_token(cfg.model, n_params) * cfg.train.batch_size * cfg.model.context
-    chip = topo.chip
-    report = Report(cfg.name, topo.name, len(devices), dict(mesh.shape), n_params,
-                    0, 0, 0, 0, 0, None if chip is None else chip.hbm_gib * GIB, 0.0,
-                    model_flops, None if chip is None else chip.peak_flops, 0.0,
-                    loops=bool(cfg.model.scan_layers or cfg.train.microbatches > 1))
+    report = Report(cfg.name, topo.name, len(devices), dict(mesh.shape), n_params, topo.chip,
+                    model_flops, cfg.train.microbatches)
     tic = time.perf_counter()
     try:
         compiled = trainer.train_step.lower(*abstract_inputs(trainer)).compile()
@@ -264,7 +627,13 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topo: Topology,
         report.code_bytes = mem.generated_code_size_in_bytes
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    report.xla_flops = float((cost or {}).get("flops", 0.0))
+    report.cost_analysis_flops = float((cost or {}).get("flops", 0.0))
+    try:
+        hlo_text = compiled.as_text()
+    except Exception as e:  # noqa: BLE001 - jaxlib can fail to re-read libtpu's HLO proto
+        report.hlo_error = str(e).strip().splitlines()[0][:300]
+    else:
+        report.hlo = hlo_cost(hlo_text, cfg.train.microbatches)
     return report
 
 
@@ -311,24 +680,34 @@ def format_report(report: Report, cfg: ml_collections.ConfigDict) -> str:
         need = f"needs {'more than ' if report.error else ''}{g(report.total_bytes)}"
         lines.append(f"does not fit: {need} per chip of {g(report.hbm_bytes)}; try:")
         lines += [f"  {s}" for s in suggestions(cfg, report.mesh)]
-    if not report.error:
-        xla_total = report.xla_flops * report.num_chips
-        lines.append(f"FLOPs per step: XLA {xla_total:.3e} ({report.xla_flops:.3e} per chip); "
-                     f"model 6N+attention {report.model_flops_total:.3e}")
-        if report.loops:
+    if report.hlo_error:
+        lines.append(f"no step estimate: the optimized HLO could not be read back "
+                     f"({report.hlo_error})")
+    if report.hlo is not None:
+        hlo, chip = report.hlo, report.chip
+        lines.append(
+            f"FLOPs per step: XLA matmuls {report.xla_flops_total:.3e} "
+            f"({hlo.matmul_flops:.3e} per chip, loops counted; XLA's cost analysis, which "
+            f"counts each loop body once: {report.cost_analysis_flops:.3e} per chip); model "
+            f"6N+attention {report.model_flops_total:.3e}; MFU ceiling (model / XLA matmul "
+            f"FLOPs) {report.mfu_ceiling:.1%}")
+        si = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.2f} MB"  # noqa: E731
+        sent = ", ".join(f"{k} {si(v)}" for k, v in sorted(
+            hlo.collective_bytes.items(), key=lambda kv: -kv[1]))
+        lines.append(f"traffic per chip per step: HBM ~{si(hlo.hbm_bytes)}; ICI sent "
+                     f"{si(hlo.ici_bytes)} ({sent or 'no collectives'})")
+        if hlo.uncounted_loops:
+            lines.append(f"  ({hlo.uncounted_loops} loop(s) with a traced bound, the microbatch "
+                         f"loop, counted {report.microbatches} times: train.microbatches)")
+        if (t := report.roofline_s) is not None and (step := report.step_s) is not None:
+            lo, hi = report.mfu_estimate
             lines.append(
-                "  (XLA's cost analysis counts the body of each loop once, and this step "
-                "loops over scanned layers and/or microbatches: XLA's figure is not a per-step "
-                "total, so no MFU ceiling; compile with model.scan_layers=False and "
-                "train.microbatches=1 for a full count)")
-            if report.step_time_bound_s is not None:
-                lines.append(f"step time at 100% MFU (model FLOPs at {report.peak_flops / 1e12:.0f}"
-                             f" TFLOP/s per chip): {report.step_time_bound_s:.3f} s")
-        elif report.step_time_bound_s is not None and report.mfu_ceiling is not None:
-            lines.append(
-                f"compute-bound step time at peak ({report.peak_flops / 1e12:.0f} TFLOP/s "
-                f"per chip): {report.step_time_bound_s:.3f} s; MFU ceiling (model / XLA "
-                f"FLOPs) {report.mfu_ceiling:.1%}: the MFU if every XLA FLOP ran at peak")
+                f"step time estimate per chip: compute {t['compute']:.3g} s "
+                f"({chip.peak_flops / 1e12:.0f} TFLOP/s), memory {t['memory']:.3g} s "
+                f"({chip.hbm_bw / 1e9:.0f} GB/s), communication {t['communication']:.3g} s "
+                f"({chip.ici_bw / 1e9:.0f} GB/s sent): {step[0]:.3g} s without overlap, "
+                f"{step[1]:.3g} s with communication fully overlapped; {report.bound}-bound; "
+                f"MFU estimate {lo:.0%}-{hi:.0%}")
     return "\n".join(lines)
 
 
@@ -375,26 +754,25 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table_row(size: str, overrides: dict[str, Any], report: Report) -> str:
     """One markdown row of the fit table."""
-    ok = report.error is None
-    counted = ok and not report.loops  # XLA's FLOPs are a per-step total
-    xla_total = report.xla_flops * report.num_chips
     settings = ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "as in the config"
-    used = f"{report.total_bytes / GIB:.1f}" if ok else "> HBM"
+    used = f"{report.total_bytes / GIB:.1f}" if report.error is None else "> HBM"
     hbm = _fmt(report.hbm_bytes and report.hbm_bytes / GIB, ".0f")
     fits = {True: "yes", False: "**no**", None: "n/a"}[report.fits]
+    step, mfu = report.step_s, report.mfu_estimate
     return (f"| {size} | {report.params / 1e9:.2f}B | {report.topology} | {report.num_chips} | "
             f"{settings} | {used} ({hbm}) | {fits} | "
-            f"{_fmt(xla_total / 1e12 if counted else None, ',.0f')} | "
-            f"{report.model_flops_total / 1e12:,.0f} | "
-            f"{_fmt(report.step_time_bound_s if ok else None, '.2f')} | "
-            f"{_fmt(report.mfu_ceiling if counted else None, '.0%')} |")
+            f"{_fmt(report.xla_flops_total and report.xla_flops_total / 1e12, ',.0f')} | "
+            f"{report.model_flops_total / 1e12:,.0f} | {_fmt(report.mfu_ceiling, '.0%')} | "
+            f"{f'{step[1]:.2f}-{step[0]:.2f}' if step else '-'} | {report.bound or '-'} | "
+            f"{f'{mfu[0]:.0%}-{mfu[1]:.0%}' if mfu else '-'} |")
 
 
 def write_table(path: str, cases: tuple = TABLE) -> str:
     """Compiles each case and writes the markdown table of what fits where."""
     rows = ["| model | params | slice | chips | settings | GiB per chip (of HBM) | fits | "
-            "XLA TFLOP/step | model TFLOP/step | compute-bound step (s) | MFU ceiling |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "XLA TFLOP/step | model TFLOP/step | MFU ceiling | step estimate (s) | bound | "
+            "MFU estimate |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     text = ""
     for size, topo_name, overrides in cases:
         cfg = apply_overrides(load_config(f"experiments/gpt3.py:{size}"), overrides)
@@ -416,13 +794,23 @@ def _table_text(rows: list[str]) -> str:
         "hand): each row compiles the real sharded train step of `experiments/gpt3.py:<size>` "
         f"for the slice with jax {jax.__version__} and libtpu, on a machine without TPUs. "
         "Memory is XLA's per-chip total (arguments + non-aliased outputs + temporaries + "
-        "code). XLA TFLOP/step is the compiled program's count over all chips (remat, "
-        "optimizer and elementwise work included); model TFLOP/step is 6N + attention per "
-        "token x batch tokens. Compute-bound step is XLA FLOPs per chip / peak bf16 FLOP/s, "
-        "a lower bound; MFU ceiling = model / XLA FLOPs, the MFU if every XLA FLOP ran at "
-        "peak. Where the step loops (scanned layers, microbatches) XLA counts each loop body "
-        "once, so those two columns read '-' and the step time is the model FLOPs' time at "
-        "100% MFU. `model.vocab_size=50304` pads GPT-3's 50257 to a multiple of `mesh.model` "
+        "code). XLA TFLOP/step: the matmul (dot and convolution) FLOPs of the compiled "
+        "program over all chips, read from its optimized HLO with every loop body counted "
+        "as often as it runs (the microbatch loop, whose bound is traced, as "
+        "`train.microbatches`); it includes remat's recomputed forwards. Model TFLOP/step: "
+        "6N + attention per token x batch tokens. MFU ceiling = model / XLA FLOPs. Step "
+        "estimate: a roofline per chip from the same walk, with compute = matmul FLOPs / "
+        "peak bf16 FLOP/s, memory = HBM bytes (operands + results of the unfused ops) / HBM "
+        "bandwidth, communication = collective bytes a chip sends (ring algorithms) / its ICI "
+        "send bandwidth over all links (Cloud TPU docs); the range runs from communication "
+        "fully overlapped, max(compute, memory, communication), to not overlapped, "
+        "max(compute, memory) + communication. Bound names the largest term. MFU estimate = "
+        "model FLOPs / (chips x peak x step estimate), for the two ends. These are estimates "
+        "from peak rates, not measurements: they leave out idle time, latency, on-chip "
+        "caching and collectives that use fewer links than all, so a measured MFU will be "
+        "lower. '-': jaxlib could not read the compiled HLO back from libtpu (a RET_CHECK "
+        "on an async op: a version skew), so there is nothing to walk. "
+        "`model.vocab_size=50304` pads GPT-3's 50257 to a multiple of `mesh.model` "
         "(the extra ids are never produced by the tokenizer).",
         "", *rows, ""])
 
