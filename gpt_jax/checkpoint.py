@@ -99,7 +99,13 @@ class Checkpointer:
 
 def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, dict]:
     """(params, meta) of a workdir's latest (or given) checkpoint: for sampling,
-    evaluation and initialising fine-tuning, SFT and RLHF from a pretrained run."""
+    evaluation and initialising fine-tuning, SFT and RLHF from a pretrained run.
+    Leaves of `abstract_params` without a sharding land on this process's first device,
+    whatever devices wrote the checkpoint."""
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_params = jax.tree.map(
+        lambda a: a if getattr(a, "sharding", None) is not None
+        else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), abstract_params)
     ckpt = Checkpointer(workdir, async_save=False)
     try:
         step = ckpt.latest_step() if step is None else step
