@@ -100,8 +100,13 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     "opt_state": init_opt(params)}
 
     # The batch keeps whatever (data-axis) sharding `host_local_to_global` gave it.
-    train_step = jax.jit(steps.make_train_step(loss_fn or steps.lm_loss_fn(cfg.model), tx),
-                         in_shardings=(state_sh, None, repl, repl),
+    step_fn = steps.make_train_step(loss_fn or steps.lm_loss_fn(cfg.model), tx, param_sh)
+
+    def train_step(*args: Any) -> Any:  # activation constraints bind to the mesh
+        with sharding.activation_sharding(mesh):
+            return step_fn(*args)
+
+    train_step = jax.jit(train_step, in_shardings=(state_sh, None, repl, repl),
                          out_shardings=(state_sh, repl), donate_argnums=(0,))
     return Trainer(cfg, mesh, param_sh, opt_sh, model_lib.unbox(boxed_params),
                    model_lib.unbox(boxed_opt), init_state, train_step)

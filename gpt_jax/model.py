@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gpt_jax import attention
+from gpt_jax import attention, sharding
 
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -155,6 +155,7 @@ class Block(nn.Module):
         mlp = MLP(cfg, name="mlp")
         drop = nn.Dropout(cfg.resid_pdrop, deterministic=self.deterministic)
         ln_1, ln_2 = layer_norm(cfg, "ln_1"), layer_norm(cfg, "ln_2")
+        x_BxTxD = sharding.constrain(x_BxTxD, ("batch", None, "act_embed"))
         if cfg.norm == "pre":
             x_BxTxD = x_BxTxD + drop(attn(ln_1(x_BxTxD), step))
             return x_BxTxD + drop(mlp(ln_2(x_BxTxD)))

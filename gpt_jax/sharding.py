@@ -12,6 +12,7 @@ with the data-parallel degree.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -40,6 +41,27 @@ def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
         ("position", None),
         ("layers", None),
     )
+
+
+# Activations' logical axes -> mesh axes. The residual stream's features stay whole on
+# every device, so under FSDP XLA gathers the weights rather than resharding the
+# activations over `data`.
+ACTIVATION_RULES = {"batch": "data", "act_embed": None}
+
+
+def activation_sharding(mesh: Mesh) -> contextlib.AbstractContextManager:
+    """The context in which `constrain` binds to `mesh` (traced inside jit)."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """Pins an activation to ACTIVATION_RULES on the mesh of `activation_sharding`;
+    a no-op outside it (sampling, single-device tests)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = PartitionSpec(*(ACTIVATION_RULES.get(a) if a else None for a in logical_axes))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:

@@ -48,12 +48,16 @@ def lm_loss_fn(model_cfg: ml_collections.ConfigDict) -> LossFn:
     return loss_fn
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    grad_shardings: Any = None) -> Callable:
     """train_step(state, batch_Mx..., rng, num_micro) -> (state, metrics).
 
     `batch` has a leading axis of M microbatches; the first `num_micro` are
     used (a traced count, so GPT-3's batch ramp never recompiles) and their
-    gradients averaged. `state` is {'step', 'params', 'opt_state'}.
+    gradients averaged. `state` is {'step', 'params', 'opt_state'}. With
+    `grad_shardings` (the params'), each microbatch's gradients are pinned to them,
+    so the accumulator is sharded like the params (reduce-scattered under FSDP)
+    rather than left for XLA to replicate.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -65,6 +69,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callab
             grads_acc, loss_acc = carry
             mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), batch)
             (loss, _), grads = grad_fn(params, mb, jax.random.fold_in(step_rng, i))
+            if grad_shardings is not None:
+                grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
             return jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss
 
         zeros = jax.tree.map(jnp.zeros_like, params)
