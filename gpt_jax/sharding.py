@@ -29,10 +29,16 @@ from gpt_jax.config import ConfigError
 AXES = ("data", "model")
 
 
+# The rules that never depend on the config, and the only ones activations use: the
+# residual stream's features stay whole on every device, so under FSDP XLA gathers
+# the weights rather than resharding the activations over `data`.
+ACTIVATION_RULES = (("batch", "data"), ("act_embed", None))
+
+
 def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
     """Logical axis -> mesh axis (None = replicated)."""
     return (
-        ("batch", "data"),
+        *ACTIVATION_RULES,
         ("vocab", "model"),
         ("heads", "model"),
         ("mlp", "model"),
@@ -41,12 +47,6 @@ def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
         ("position", None),
         ("layers", None),
     )
-
-
-# Activations' logical axes -> mesh axes. The residual stream's features stay whole on
-# every device, so under FSDP XLA gathers the weights rather than resharding the
-# activations over `data`.
-ACTIVATION_RULES = {"batch": "data", "act_embed": None}
 
 
 def activation_sharding(mesh: Mesh) -> contextlib.AbstractContextManager:
@@ -60,7 +60,7 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = PartitionSpec(*(ACTIVATION_RULES.get(a) if a else None for a in logical_axes))
+    spec = PartitionSpec(*(dict(ACTIVATION_RULES).get(a) for a in logical_axes))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
