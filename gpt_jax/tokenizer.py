@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import ml_collections
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from gpt_jax.config import ConfigError
 
@@ -42,11 +43,15 @@ SPM_MAX_SENTENCE_BYTES = 8192
 SENTENCE_CHARS = 2000  # training sentences are chunks of whole lines of about this size
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` via a temp file + os.replace, so readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` (local or gs://) so readers never see half a file: locally via a
+    temp file + rename; a Cloud Storage object upload is atomic by itself."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "://" in os.fspath(path):
+        path.write_bytes(data)
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -108,11 +113,11 @@ class Tokenizer(abc.ABC):
         pieces.append(self._decode_text(run))
         return "".join(pieces)
 
-    def save(self, directory: str) -> str:
-        """Stores the tokenizer in `directory` (e.g. a workdir); returns the file path."""
-        path = os.path.join(directory, self.file_name)
+    def save(self, directory: str | os.PathLike) -> str:
+        """Stores the tokenizer in `directory` (local or gs://); returns the file path."""
+        path = epath.Path(directory) / self.file_name
         atomic_write_bytes(path, self.serialize())
-        return path
+        return os.fspath(path)
 
     def __reduce__(self):  # picklable for multiprocessing workers
         return (load_tokenizer_bytes, (self.serialize(), self.file_name))
@@ -225,13 +230,12 @@ class GPT2Tokenizer(Tokenizer):
         self.fingerprint = _sha256(self.serialize())
 
     @classmethod
-    def from_directory(cls, directory: str) -> GPT2Tokenizer:
-        paths = [os.path.join(directory, n) for n in (GPT2_VOCAB_FILE, GPT2_MERGES_FILE)]
+    def from_directory(cls, directory: str | os.PathLike) -> GPT2Tokenizer:
+        paths = [epath.Path(directory) / n for n in (GPT2_VOCAB_FILE, GPT2_MERGES_FILE)]
         for p in paths:
-            if not os.path.isfile(p):
+            if not p.is_file():
                 raise FileNotFoundError(f"GPT-2 tokenizer file {p} does not exist")
-        with open(paths[0], "rb") as v, open(paths[1], "rb") as m:
-            return cls(v.read(), m.read())
+        return cls(paths[0].read_bytes(), paths[1].read_bytes())
 
     def _bpe(self, piece: str) -> list[int]:
         """Ids of one pre-tokenized piece (its bytes already mapped to characters)."""
@@ -277,12 +281,12 @@ class GPT2Tokenizer(Tokenizer):
         return json.dumps({"kind": "gpt2", "vocab": self._vocab_bytes.decode("utf-8"),
                            "merges": self._merges_bytes.decode("utf-8")}).encode()
 
-    def save(self, directory: str) -> str:
+    def save(self, directory: str | os.PathLike) -> str:
         """Writes `vocab.json` and `merges.txt` (as read) into `directory`; returns the first."""
-        atomic_write_bytes(os.path.join(directory, GPT2_MERGES_FILE), self._merges_bytes)
-        path = os.path.join(directory, GPT2_VOCAB_FILE)
+        atomic_write_bytes(epath.Path(directory) / GPT2_MERGES_FILE, self._merges_bytes)
+        path = epath.Path(directory) / GPT2_VOCAB_FILE
         atomic_write_bytes(path, self._vocab_bytes)
-        return path
+        return os.fspath(path)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -310,21 +314,22 @@ def load_tokenizer_bytes(data: bytes, file_name: str) -> Tokenizer:
     return SentencePieceTokenizer(data)
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """Loads a tokenizer from a `.model`/`.json` file or a directory holding one (a workdir);
-    GPT-2 BPE from a directory (or its `vocab.json`) with `vocab.json` and `merges.txt`."""
-    if os.path.isdir(path):
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Loads a tokenizer (local or gs://) from a `.model`/`.json` file or a directory holding
+    one (a workdir); GPT-2 BPE from a directory (or its `vocab.json`) with `vocab.json` and
+    `merges.txt`."""
+    path = epath.Path(path)
+    if path.is_dir():
         for name in (MODEL_FILE, CHAR_FILE, GPT2_VOCAB_FILE):
-            if os.path.exists(os.path.join(path, name)):
-                return load_tokenizer(os.path.join(path, name))
+            if (path / name).exists():
+                return load_tokenizer(path / name)
         raise FileNotFoundError(f"no {MODEL_FILE}, {CHAR_FILE} or {GPT2_VOCAB_FILE} + "
                                 f"{GPT2_MERGES_FILE} in directory {path}")
-    if not os.path.exists(path):
+    if not path.exists():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
-    if os.path.basename(path) == GPT2_VOCAB_FILE:
-        return GPT2Tokenizer.from_directory(os.path.dirname(path))
-    with open(path, "rb") as f:
-        return load_tokenizer_bytes(f.read(), os.path.basename(path))
+    if path.name == GPT2_VOCAB_FILE:
+        return GPT2Tokenizer.from_directory(path.parent)
+    return load_tokenizer_bytes(path.read_bytes(), path.name)
 
 
 def take_chars(docs: Iterable[str], max_chars: int) -> list[str]:
