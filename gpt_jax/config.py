@@ -15,7 +15,7 @@ import ml_collections
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 SCHEDULES = ("constant", "cosine", "linear")
 DATA_SOURCES = ("stdlib", "text", "tfds")
-TOKENIZERS = ("sentencepiece", "char", "file", "gpt2")
+TOKENIZERS = ("sentencepiece", "char", "file", "gpt2", "gpt1")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -226,7 +226,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("data.text_glob", d.text_glob, "must name files when data.source='text'")
     if d.source == "tfds" and not d.tfds_name:
         _fail("data.tfds_name", d.tfds_name, "must name a TFDS dataset when data.source='tfds'")
-    if d.tokenizer in ("file", "gpt2") and not d.tokenizer_path:
+    if d.tokenizer in ("file", "gpt2", "gpt1") and not d.tokenizer_path:
         _fail("data.tokenizer_path", d.tokenizer_path,
               f"must point to a tokenizer when data.tokenizer={d.tokenizer!r}")
     if not 0.0 < d.val_fraction < 1.0:

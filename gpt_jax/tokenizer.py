@@ -1,12 +1,14 @@
 """Tokenizers behind one small interface: encode, decode, eot_id, vocab_size, fingerprint.
 
-Four kinds, chosen by `data.tokenizer`:
+Five kinds, chosen by `data.tokenizer`:
 - 'sentencepiece': a BPE vocabulary of `model.vocab_size` pieces trained on a seeded sample of
   the training split, with byte fallback so every UTF-8 string round-trips exactly.
 - 'char': the sorted characters of the training split, for tiny experiments.
 - 'file': an existing sentencepiece `.model` (`data.tokenizer_path`).
 - 'gpt2': GPT-2's byte-level BPE from a directory holding `vocab.json` and `merges.txt`
   (`data.tokenizer_path`; what `gpt_jax.convert` copies into a workdir).
+- 'gpt1': GPT-1's lowercased BPE with '</w>' word ends from the same two files (HF
+  `openai-gpt`); `load_tokenizer` tells the two apart by the vocabulary.
 
 End of text: every tokenizer has an `eot_id` that `encode` never produces from text (so a
 literal "<|endoftext|>" inside a document stays ordinary text); data.py inserts it between
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import importlib.util
 import io
 import json
 import os
 import tempfile
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import ml_collections
@@ -69,8 +73,9 @@ def _sha256(data: bytes) -> str:
 class Tokenizer(abc.ABC):
     """The interface every tokenizer implements.
 
-    Attributes: `kind` ('sentencepiece', 'char' or 'gpt2'), `eot_id`, `vocab_size` (ids lie in
-    [0, vocab_size)), `fingerprint` (sha256 of the serialized vocabulary; identifies it).
+    Attributes: `kind` ('sentencepiece', 'char', 'gpt2' or 'gpt1'), `eot_id`, `vocab_size`
+    (ids lie in [0, vocab_size)), `fingerprint` (sha256 of the serialized vocabulary;
+    identifies it).
     """
 
     kind: str
@@ -207,24 +212,22 @@ class GPT2Tokenizer(Tokenizer):
     CACHE_SIZE = 1 << 16
     PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
                r"""|\s+(?!\S)|\s+""")
+    EOT_PIECE = EOT  # the vocabulary entry that is `eot_id`
 
     def __init__(self, vocab_json: bytes, merges_txt: bytes):
         import regex  # third-party: the pattern needs \p{L} / \p{N}
 
         self._vocab_bytes, self._merges_bytes = bytes(vocab_json), bytes(merges_txt)
-        self.encoder: dict[str, int] = json.loads(self._vocab_bytes.decode("utf-8"))
+        self.encoder = read_vocab(self._vocab_bytes)
         self.decoder = {i: piece for piece, i in self.encoder.items()}
-        lines = self._merges_bytes.decode("utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines
-                  if line.strip() and not line.startswith("#version")]
-        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.ranks = read_merges(self._merges_bytes)
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self._pattern = regex.compile(self.PATTERN)
         self._cache: dict[str, list[int]] = {}
         self.vocab_size = max(self.encoder.values(), default=-1) + 1
-        if EOT in self.encoder:
-            self.eot_id = self.encoder[EOT]
+        if self.EOT_PIECE in self.encoder:
+            self.eot_id = self.encoder[self.EOT_PIECE]
         else:
             self.eot_id, self.vocab_size = self.vocab_size, self.vocab_size + 1
         self.fingerprint = _sha256(self.serialize())
@@ -242,21 +245,7 @@ class GPT2Tokenizer(Tokenizer):
         cached = self._cache.get(piece)
         if cached is not None:
             return cached
-        word = list(piece)
-        while len(word) > 1:
-            pairs = {(a, b) for a, b in zip(word, word[1:])}
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
+        word = bpe_merge(list(piece), self.ranks)
         try:
             ids = [self.encoder[w] for w in word]
         except KeyError as e:
@@ -278,7 +267,7 @@ class GPT2Tokenizer(Tokenizer):
         return bytes(self.byte_decoder[c] for c in chars).decode("utf-8", errors="replace")
 
     def serialize(self) -> bytes:
-        return json.dumps({"kind": "gpt2", "vocab": self._vocab_bytes.decode("utf-8"),
+        return json.dumps({"kind": self.kind, "vocab": self._vocab_bytes.decode("utf-8"),
                            "merges": self._merges_bytes.decode("utf-8")}).encode()
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -287,6 +276,170 @@ class GPT2Tokenizer(Tokenizer):
         path = epath.Path(directory) / GPT2_VOCAB_FILE
         atomic_write_bytes(path, self._vocab_bytes)
         return os.fspath(path)
+
+
+def read_vocab(vocab_json: bytes, source: str = GPT2_VOCAB_FILE) -> dict[str, int]:
+    """A BPE `vocab.json`: a JSON object of piece -> id; ValueError naming `source` if not."""
+    try:
+        vocab = json.loads(vocab_json.decode("utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{source}: not a JSON object of piece -> id ({e})") from None
+    if not isinstance(vocab, dict) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab.values()):
+        raise ValueError(f"{source}: not a JSON object of piece -> non-negative integer id")
+    return vocab
+
+
+def read_merges(merges_txt: bytes, source: str = GPT2_MERGES_FILE) -> dict[tuple[str, str], int]:
+    """Merge ranks of a BPE `merges.txt` ('#version' line, then one 'a b' pair per line, in
+    the order they were learned); ValueError naming `source` and the line if malformed."""
+    ranks: dict[tuple[str, str], int] = {}
+    for n, line in enumerate(merges_txt.decode("utf-8").split("\n"), 1):
+        if not line.strip() or line.startswith("#version"):
+            continue
+        pair = tuple(line.split())
+        if len(pair) != 2:
+            raise ValueError(f"{source} line {n}: {line!r} is not two space-separated symbols")
+        ranks.setdefault(pair, len(ranks))
+    return ranks
+
+
+def bpe_merge(word: list, ranks: dict[tuple[str, str], int]) -> list:
+    """Byte-pair encoding of one word's symbols (Sennrich et al. 2016): repeatedly merges
+    every occurrence of the lowest-ranked adjacent pair. Symbols without ranks (e.g. None
+    for unknown characters) are never merged."""
+    while len(word) > 1:
+        pairs = {(a, b) for a, b in zip(word, word[1:])}
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(word):
+            if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                merged.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
+
+
+GPT1_EOW = "</w>"  # GPT-1's end-of-word marker on the last symbol of every word
+GPT1_UNK = "<unk>"
+# BERT's basic tokenizer, as transformers.OpenAIGPTTokenizer applies it (tokenizers'
+# BertNormalizer + BertPreTokenizer): punctuation is ASCII non-alphanumeric symbols and
+# Unicode P*; CJK ideographs become words of their own.
+_BERT_PUNCT = r"!-/:-@\[-`{-~\p{P}"
+_BERT_CONTROL = r"[\x00\ufffd]|[^\P{C}\t\n\r]"
+_CJK = ("[\u4e00-\u9fff\u3400-\u4dbf\U00020000-\U0002a6df\U0002a700-\U0002b73f"
+        "\U0002b740-\U0002b81f\U0002b820-\U0002ceaf\uf900-\ufaff\U0002f800-\U0002fa1f]")
+
+
+def is_gpt1_vocab(vocab: dict[str, int]) -> bool:
+    """Whether a `vocab.json` is GPT-1's rather than GPT-2's: it marks word ends with '</w>'
+    and, lowercased and not byte-level, lacks GPT-2's space symbol 'Ġ' (which every
+    byte-level vocabulary has)."""
+    return "\u0120" not in vocab and any(p.endswith(GPT1_EOW) for p in vocab)
+
+
+class GPT1Tokenizer(GPT2Tokenizer):
+    """GPT-1's BPE (Radford et al. 2018; HF `openai-gpt`) from `vocab.json` + `merges.txt`.
+
+    Shares GPT-2's files, merge ranks, storage and `save`; differs in everything else. As
+    `transformers.OpenAIGPTTokenizer` does (and the original code when ftfy and spaCy are
+    absent), text gets BERT's basic normalisation (control characters dropped, CJK
+    ideographs spaced out, accents stripped, lowercased), is split on whitespace and around
+    every punctuation character, and each word's characters are merged by rank with '</w>'
+    on the last one; a character the vocabulary lacks becomes '<unk>' (is dropped if the
+    vocabulary has no '<unk>'). Decoding joins the pieces, each '</w>' a space, so text
+    comes back lowercased and spaced out: "Don't, café!" -> "don ' t , cafe !".
+
+    The original (finetune-transformer-lm) instead ran `ftfy.fix_text` (mojibake, curly
+    quotes and the like to plain Unicode) and spaCy's English tokenizer, which keeps
+    contractions together ("do" "n't") and turns newlines into '\\n</w>' tokens. `use_ftfy`
+    (default: if ftfy is installed) applies `fix_text` first here too; spaCy is not used.
+
+    GPT-1 has no end-of-text token. `eot_id` is the newline piece '\\n</w>', the paragraph
+    break the released model saw in BooksCorpus and which this `encode` never produces from
+    text (whitespace only separates words); one past the vocabulary if it lacks that piece.
+    Fine-tuning's start, delimiter and extract tokens are appended after the model's
+    vocabulary (`finetune.Specials`: 40478, 40479, 40480 for the released model, the ids
+    the original code gave them).
+    """
+
+    kind = "gpt1"
+    PATTERN = rf"[{_BERT_PUNCT}]|[^\s{_BERT_PUNCT}]+"
+    EOT_PIECE = "\n" + GPT1_EOW
+
+    def __init__(self, vocab_json: bytes, merges_txt: bytes, use_ftfy: bool | None = None):
+        if use_ftfy is None:
+            use_ftfy = importlib.util.find_spec("ftfy") is not None
+        self.use_ftfy = bool(use_ftfy)
+        super().__init__(vocab_json, merges_txt)
+        self.unk_id = self.encoder.get(GPT1_UNK)
+
+    @classmethod
+    def from_gpt2(cls, tok: GPT2Tokenizer) -> GPT1Tokenizer:
+        """The GPT-1 reading of the same files."""
+        return cls(tok._vocab_bytes, tok._merges_bytes)
+
+    def normalize(self, text: str) -> str:
+        """BERT's basic normalisation (after ftfy's `fix_text` if `use_ftfy`)."""
+        import regex
+
+        if self.use_ftfy:
+            import ftfy
+            text = ftfy.fix_text(text)
+        text = regex.sub(_BERT_CONTROL, "", text)
+        text = regex.sub(_CJK, r" \g<0> ", text)
+        text = regex.sub(r"\p{Mn}", "", unicodedata.normalize("NFD", text))
+        return text.replace("\u03a3", "\u03c3").lower()  # per character: no final sigma
+
+    def _bpe(self, word: str) -> list[int]:
+        """Ids of one word: its characters, '</w>' on the last, merged by rank."""
+        cached = self._cache.get(word)
+        if cached is not None:
+            return cached
+        symbols = [*word[:-1], word[-1] + GPT1_EOW]
+        known = [s if s in self.encoder else None for s in symbols]
+        ids = []
+        for piece in bpe_merge(known, self.ranks):
+            if piece is None:
+                if self.unk_id is not None:
+                    ids.append(self.unk_id)
+            elif piece in self.encoder:
+                ids.append(self.encoder[piece])
+            else:
+                raise ValueError(f"GPT-1 vocabulary has no entry for the merge {piece!r} "
+                                 f"({GPT2_VOCAB_FILE} and {GPT2_MERGES_FILE} disagree)")
+        if len(self._cache) >= self.CACHE_SIZE:
+            self._cache.clear()
+        self._cache[word] = ids
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for word in self._pattern.findall(self.normalize(text)):
+            ids.extend(self._bpe(word))
+        return ids
+
+    def _decode_text(self, ids: list[int]) -> str:
+        pieces = [self.decoder[i] for i in ids if i in self.decoder]
+        last = pieces.pop().replace(GPT1_EOW, "") if pieces else ""
+        return "".join(p.replace(GPT1_EOW, " ") for p in pieces) + last
+
+    def serialize(self) -> bytes:
+        spec = json.loads(super().serialize())
+        spec["ftfy"] = self.use_ftfy
+        return json.dumps(spec).encode()
+
+
+def bpe_from_directory(directory: str | os.PathLike) -> GPT2Tokenizer:
+    """The BPE in a directory's `vocab.json` + `merges.txt`: GPT-1's or GPT-2's, by the
+    vocabulary (`is_gpt1_vocab`)."""
+    tok = GPT2Tokenizer.from_directory(directory)
+    return GPT1Tokenizer.from_gpt2(tok) if is_gpt1_vocab(tok.encoder) else tok
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -308,6 +461,9 @@ def load_tokenizer_bytes(data: bytes, file_name: str) -> Tokenizer:
         spec = json.loads(data)
         if spec.get("kind") == "gpt2":
             return GPT2Tokenizer(spec["vocab"].encode(), spec["merges"].encode())
+        if spec.get("kind") == "gpt1":
+            return GPT1Tokenizer(spec["vocab"].encode(), spec["merges"].encode(),
+                                 use_ftfy=spec.get("ftfy"))
         if spec.get("kind") != "char":
             raise ValueError(f"{file_name}: not a char tokenizer (kind={spec.get('kind')!r})")
         return CharTokenizer(spec["chars"])
@@ -328,7 +484,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
     if path.name == GPT2_VOCAB_FILE:
-        return GPT2Tokenizer.from_directory(path.parent)
+        return bpe_from_directory(path.parent)
     return load_tokenizer_bytes(path.read_bytes(), path.name)
 
 
@@ -432,7 +588,7 @@ def from_config(cfg: ml_collections.ConfigDict, corpus_key: str,
                 f"data.tokenizer_path={d.tokenizer_path!r} is not an existing sentencepiece "
                 ".model file (data.tokenizer='file')")
         tok = load_tokenizer(d.tokenizer_path)
-    elif d.tokenizer == "gpt2":
+    elif d.tokenizer in ("gpt2", "gpt1"):
         path = d.tokenizer_path
         if os.path.isfile(path) and os.path.basename(path) == GPT2_VOCAB_FILE:
             path = os.path.dirname(path)
@@ -440,8 +596,8 @@ def from_config(cfg: ml_collections.ConfigDict, corpus_key: str,
                                for n in (GPT2_VOCAB_FILE, GPT2_MERGES_FILE)):
             raise ConfigError(
                 f"data.tokenizer_path={d.tokenizer_path!r} is not a directory holding "
-                f"{GPT2_VOCAB_FILE} and {GPT2_MERGES_FILE} (data.tokenizer='gpt2')")
-        tok = GPT2Tokenizer.from_directory(path)
+                f"{GPT2_VOCAB_FILE} and {GPT2_MERGES_FILE} (data.tokenizer={d.tokenizer!r})")
+        tok = (GPT1Tokenizer if d.tokenizer == "gpt1" else GPT2Tokenizer).from_directory(path)
     elif d.tokenizer in ("sentencepiece", "char"):
         path = tokenizer_file(cfg, corpus_key)
         if os.path.exists(path):
@@ -457,6 +613,6 @@ def from_config(cfg: ml_collections.ConfigDict, corpus_key: str,
             atomic_write_bytes(path, tok.serialize())
     else:
         raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not one of "
-                          "['sentencepiece', 'char', 'file', 'gpt2']")
+                          "['sentencepiece', 'char', 'file', 'gpt2', 'gpt1']")
     check_vocab(tok, cfg)
     return tok
