@@ -7,6 +7,8 @@ Adam 0.9/0.95/1e-8, clip 1.0, weight decay 0.1; linear warmup over 375M tokens,
 cosine to 10% at 260B tokens, then flat; 300B tokens. Batch ramp from 32k
 tokens over the first 4B (<=760M), 8B (1.3B-13B) or 12B (175B) tokens: the
 paper says "4-12B depending on model size" without the split, so that is ours.
+All four are tokens actually consumed, the ramp's small early steps included
+(`python -m gpt_jax.schedule --config=experiments/gpt3.py:175b` prints them).
 xl prints 24 heads of 128, which does not divide 2048; we use 16 x 128.
 13b prints d_model 5140, a typo for 5120 (Table D.1's 12,850M fits 5120).
 """
@@ -45,5 +47,6 @@ def get_config(size: str = "small"):
     t = cfg.train
     t.batch_size = batch_tokens // CONTEXT
     t.microbatches = t.batch_size // 16  # ramp granularity: 16 x 2048 = 32k tokens
-    t.steps = 300_000_000_000 // batch_tokens
+    t.tokens = 300_000_000_000  # `config.validate` sets train.steps from it
+    t.steps = 300_000_000_000 // batch_tokens  # at the full batch; the ramp adds a few
     return cfg

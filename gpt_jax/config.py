@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     o.schedule = "cosine"
     o.peak_lr = 6e-4
     o.warmup_steps = 0
-    o.warmup_tokens = 0  # if > 0, overrides warmup_steps (GPT-3 counts in tokens)
+    # Token fields (GPT-3) count tokens actually consumed, the batch ramp included: with
+    # either set, the lr follows tokens seen rather than steps (optim.py).
+    o.warmup_tokens = 0  # if > 0, overrides warmup_steps
     o.decay_steps = 0  # 0 means train.steps
     o.decay_tokens = 0  # if > 0, overrides decay_steps
     o.final_lr_frac = 0.1
@@ -81,9 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_every = 100
     t.eval_batches = 4
     t.ckpt_every = 200
+    t.tokens = 0  # if > 0, `validate` sets train.steps to the steps that consume this many
     t.keep = 2
     t.sample_tokens = 64
     t.sample_prompt = "def "
+    t.eval_at_start = True  # evaluate before the first step too (nanoGPT): curves start at init
     t.sample_temperature = 0.8  # 0 = greedy
     t.sample_top_p = 0.95
 
@@ -95,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.tfds_split = "train"
     d.tfds_val_split = "validation"
     d.tfds_text_feature = "text"
+    d.val_glob = ""  # 'text': the validation files ('' = a hash split of text_glob's files)
     d.tfds_data_dir = ""
     d.tfds_max_docs = 0  # 0 = all documents
     d.data_dir = "data"  # token files and tokenizer models live here (a local path)
@@ -171,7 +176,8 @@ def _get(cfg: ml_collections.ConfigDict, field: str) -> Any:
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks a config before any compute; returns it unchanged or raises ConfigError."""
+    """Checks a config before any compute; returns it (with train.steps set from
+    train.tokens when that is > 0) or raises ConfigError."""
     m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
     for field in ("model.vocab_size", "model.context", "model.n_layer", "model.n_head",
                   "model.d_model", "model.d_ff", "train.batch_size", "train.microbatches",
@@ -227,6 +233,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if d.source == "tfds" and not d.tfds_name:
         _fail("data.tfds_name", d.tfds_name, "must name a TFDS dataset when data.source='tfds'")
     if d.tokenizer in ("file", "gpt2", "gpt1") and not d.tokenizer_path:
+    for field in ("optim.warmup_tokens", "optim.decay_tokens", "optim.batch_ramp_tokens",
+                  "train.tokens"):
+        value = _get(cfg, field) if field != "train.tokens" else t.get("tokens", 0)
+        if not (isinstance(value, (int, float)) and value >= 0):
+            _fail(field, value, "must be a number of tokens >= 0 (0: off)")
+    if t.get("tokens", 0):
+        from gpt_jax import optim  # jax; only for token-counted runs
+        t.steps = max(1, optim.steps_for_tokens(cfg, t.tokens))
         _fail("data.tokenizer_path", d.tokenizer_path,
               f"must point to a tokenizer when data.tokenizer={d.tokenizer!r}")
     if not 0.0 < d.val_fraction < 1.0:

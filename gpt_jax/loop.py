@@ -214,6 +214,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
 
     for step in range(start, t.steps):
         batch = global_batch(task.batch(step), mesh)
+    def tokens(steps: int) -> int:  # actually consumed: GPT-3's batch ramp shrinks early steps
+        return task.tokens_per_step * optim.microbatches_consumed(cfg, steps) // t.microbatches
+
+    if start == 0 and t.get("eval_at_start", True):  # curves start at the init loss (nanoGPT)
+        writer.write(0, {**task.evaluate(state["params"]), "tokens": 0})
+        tic = time.perf_counter()
+
         state, metrics = trainer.train_step(state, batch, rng, optim.microbatches_at(cfg, step))
         pending.append((step + 1, metrics["loss"]))
         done = step + 1
@@ -221,10 +228,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
             losses = check_losses()
             step_time = (time.perf_counter() - tic) / (done - tic_step)
             tic, tic_step = time.perf_counter(), done
-            tok_s = task.tokens_per_step / step_time
             final = {"loss": losses[-1], "lr": float(lr(step)),
                      "grad_norm": float(metrics["grad_norm"]),
-                     "tokens": done * task.tokens_per_step, "tokens_per_s": tok_s,
+                     "tokens": tokens(done), "tokens_per_s": tok_s,
                      "step_time_s": step_time,
                      "mfu": None if peak is None or not task.flops_per_token else
                      tok_s * task.flops_per_token / (peak * jax.device_count())}
@@ -233,7 +239,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
         if done % t.eval_every == 0 or done == t.steps:
             evals = task.evaluate(state["params"])
             last_eval, last_eval_step = evals.get("eval_loss", float("nan")), done
-            writer.write(done, {**evals, "tokens": done * task.tokens_per_step})
+            writer.write(done, {**evals, "tokens": tokens(done)})
+            tok_s = (tokens(done) - tokens(tic_step)) / (step_time * (done - tic_step))
             final.update(evals)
             tic, tic_step = time.perf_counter(), done
         progress.update(1)

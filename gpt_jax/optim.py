@@ -1,12 +1,17 @@
 """The papers' optimizers and learning-rate schedules.
 
-Schedules are pure functions of the optimizer step. GPT-3 states its warmup,
-decay and batch ramp in tokens; they are converted to steps with the config's
-full batch (`train.batch_size * model.context` tokens per step).
+Schedules are pure functions of the optimizer step. GPT-3 states its warmup, decay,
+batch ramp and training length in tokens, and its batch ramps, so a step is not a fixed
+number of tokens: the schedule's clock is then the number of microbatches consumed
+before the step (`microbatches_consumed`, exact and a pure function of the step since
+the ramp is), and token boundaries are converted at `tokens_per_microbatch`. Warmup
+then ends at 375M tokens actually seen, the decay at 260B, training (`train.tokens`) at
+300B, whatever the ramp. Configs that give their schedule in steps keep a clock of steps.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,21 +19,106 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 Schedule = Callable[[Any], Any]
 
 
 def tokens_per_step(cfg: ml_collections.ConfigDict) -> int:
+    """Tokens of a full (after the ramp) step: `train.batch_size * model.context`."""
     return cfg.train.batch_size * cfg.model.context
 
 
+def tokens_per_microbatch(cfg: ml_collections.ConfigDict) -> int:
+    return tokens_per_step(cfg) // cfg.train.microbatches
+
+
+@functools.lru_cache(maxsize=32)
+def _ramp_starts(m: int, full: int, start_tokens: int, ramp_tokens: float) -> np.ndarray:
+    """first_M[c - 1] = the first step that accumulates at least c microbatches.
+
+    The batch grows linearly in steps from `start_tokens` to the full batch, rounded to
+    whole microbatches; the ramp lasts K = 2R / (b0 + B) steps so that it consumes
+    R = `ramp_tokens` tokens.
+    """
+    if not ramp_tokens:
+        return np.zeros(m, np.int64)
+    start = min(start_tokens, full)
+    ramp_steps = 2.0 * ramp_tokens / (start + full)
+    step_K = np.arange(math.ceil(ramp_steps) + 1, dtype=np.float64)
+    tokens_K = start + (full - start) * np.minimum(step_K / ramp_steps, 1.0)
+    count_K = np.clip(np.round(m * tokens_K / full), 1, m)
+    return np.searchsorted(count_K, np.arange(1, m + 1), side="left").astype(np.int64)
+
+
+def ramp_starts(cfg: ml_collections.ConfigDict) -> np.ndarray:
+    """The M steps at which each of the M microbatches joins (all 0 without a ramp)."""
+    o = cfg.optim
+    return _ramp_starts(cfg.train.microbatches, tokens_per_step(cfg),
+                        int(o.batch_ramp_start_tokens), float(o.batch_ramp_tokens))
+
+
+def microbatches_at(cfg: ml_collections.ConfigDict, step: Any) -> Any:
+    """GPT-3 batch-size ramp as the number of microbatches to accumulate at `step` (int32).
+
+    The compiled step always sees the full microbatch shape and only this count changes,
+    so nothing recompiles.
+    """
+    first_M = jnp.asarray(ramp_starts(cfg), jnp.int32)
+    step = jnp.asarray(step, jnp.int32)
+    return jnp.sum(step[..., None] >= first_M, axis=-1).astype(jnp.int32)
+
+
+def microbatches_consumed(cfg: ml_collections.ConfigDict, steps: Any) -> Any:
+    """Microbatches accumulated by the first `steps` steps: sum over c of max(0, steps -
+    first step with c microbatches). Python/numpy ints give exact int64s, traced steps
+    an int32."""
+    first_M = ramp_starts(cfg)
+    if isinstance(steps, jax.Array):  # traced or on device
+        s = jnp.asarray(steps, jnp.int32)[..., None]
+        return jnp.sum(jnp.maximum(s - jnp.asarray(first_M, jnp.int32), 0), axis=-1)
+    out = np.maximum(np.asarray(steps, np.int64)[..., None] - first_M, 0).sum(-1)
+    return int(out) if out.ndim == 0 else out
+
+
+def tokens_consumed(cfg: ml_collections.ConfigDict, steps: Any) -> Any:
+    """Tokens the model has trained on after `steps` optimizer steps (the ramp included)."""
+    return microbatches_consumed(cfg, steps) * tokens_per_microbatch(cfg)
+
+
+def steps_for_tokens(cfg: ml_collections.ConfigDict, tokens: float) -> int:
+    """The first step count after which at least `tokens` tokens have been consumed."""
+    if not tokens > 0:
+        return 0
+    first_M = ramp_starts(cfg)
+    ramp_end = int(first_M[-1])
+    need = math.ceil(tokens / tokens_per_microbatch(cfg))  # microbatches
+    done = microbatches_consumed(cfg, ramp_end)
+    if need >= done:  # after the ramp every step takes all M
+        return ramp_end + math.ceil((need - done) / cfg.train.microbatches)
+    consumed = microbatches_consumed(cfg, np.arange(ramp_end + 1))
+    return int(np.searchsorted(consumed, need, side="left"))
+
+
+def total_steps(cfg: ml_collections.ConfigDict) -> int:
+    """`train.steps`, or with `train.tokens` > 0 the steps that consume that many tokens."""
+    if cfg.train.get("tokens", 0):
+        return steps_for_tokens(cfg, cfg.train.tokens)
+    return cfg.train.steps
+
+
+def _tokens_clock(cfg: ml_collections.ConfigDict) -> bool:
+    return bool(cfg.optim.warmup_tokens or cfg.optim.decay_tokens)
+
+
 def warmup_steps(cfg: ml_collections.ConfigDict) -> int:
+    """The first step at the peak learning rate."""
     o = cfg.optim
     if o.warmup_tokens:
-        return math.ceil(o.warmup_tokens / tokens_per_step(cfg))
+        return steps_for_tokens(cfg, o.warmup_tokens)
     if o.warmup_frac:
-        return math.ceil(o.warmup_frac * cfg.train.steps)
+        return math.ceil(o.warmup_frac * total_steps(cfg))
     return o.warmup_steps
 
 
@@ -36,24 +126,44 @@ def decay_steps(cfg: ml_collections.ConfigDict) -> int:
     """Step at which the decay ends (the lr stays at its floor after it)."""
     o = cfg.optim
     if o.decay_tokens:
-        return math.ceil(o.decay_tokens / tokens_per_step(cfg))
-    return o.decay_steps or cfg.train.steps
+        return steps_for_tokens(cfg, o.decay_tokens)
+    return o.decay_steps or total_steps(cfg)
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> Schedule:
-    """lr(step): linear warmup from 0, then the configured decay to `final_lr_frac * peak`."""
+    """lr(step): linear warmup from 0, then the configured decay to `final_lr_frac * peak`.
+
+    The clock is the step, or, when warmup or decay is given in tokens, the microbatches
+    consumed before the step (linear in tokens seen, the ramp included).
+    """
     o = cfg.optim
     peak, floor = o.peak_lr, o.peak_lr * o.final_lr_frac
-    warm, end = warmup_steps(cfg), max(decay_steps(cfg), warmup_steps(cfg) + 1)
+    if _tokens_clock(cfg):
+        per = tokens_per_microbatch(cfg)
+        step_clock = functools.partial(microbatches_consumed, cfg)
+        warm = (o.warmup_tokens / per if o.warmup_tokens
+                else float(step_clock(warmup_steps(cfg))))
+        end = o.decay_tokens / per if o.decay_tokens else float(step_clock(decay_steps(cfg)))
+
+        def clock(step: Any) -> Any:
+            return microbatches_consumed(cfg, jnp.asarray(step)).astype(jnp.float32)
+    else:
+        warm, end = warmup_steps(cfg), decay_steps(cfg)
+        clock = None
+    end = max(end, warm + 1)
     if o.schedule == "cosine":
         after = optax.cosine_decay_schedule(peak, end - warm, alpha=o.final_lr_frac)
     elif o.schedule == "linear":
         after = optax.linear_schedule(peak, floor, end - warm)
     else:
         after = optax.constant_schedule(peak)
-    if warm == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
+    # peak * x / warm, not optax.linear_schedule: its peak * (1 - (1 - x / warm)) loses
+    # float32 digits while x / warm is small (3e-4 relative at GPT-3's first steps)
+    schedule = after if warm == 0 else optax.join_schedules(
+        [lambda x: peak * (jnp.asarray(x, jnp.float32) / warm), after], [warm])
+    if clock is None:
+        return schedule
+    return lambda step: schedule(clock(step))
 
 
 def decay_mask(params: Any) -> Any:
@@ -78,22 +188,3 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     chain.append(optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
                              weight_decay=o.weight_decay, mask=decay_mask))
     return optax.chain(*chain)
-
-
-def microbatches_at(cfg: ml_collections.ConfigDict, step: Any) -> Any:
-    """GPT-3 batch-size ramp as the number of microbatches to accumulate at `step`.
-
-    The batch grows linearly in steps from `batch_ramp_start_tokens` to the full
-    batch; the ramp lasts K = 2R / (b0 + B) steps so that it consumes R =
-    `batch_ramp_tokens` tokens. The compiled step always sees the full
-    microbatch shape and only this count changes, so nothing recompiles.
-    """
-    o, m = cfg.optim, cfg.train.microbatches
-    if not o.batch_ramp_tokens:
-        return jnp.asarray(m, jnp.int32)
-    full = tokens_per_step(cfg)
-    start = min(o.batch_ramp_start_tokens, full)
-    ramp_steps = 2 * o.batch_ramp_tokens / (start + full)
-    frac = jnp.clip(jnp.asarray(step, jnp.float32) / ramp_steps, 0.0, 1.0)
-    tokens = start + (full - start) * frac
-    return jnp.clip(jnp.round(m * tokens / full), 1, m).astype(jnp.int32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from gpt_jax import model, optim
+from gpt_jax import config, model, optim
 from gpt_jax.config import base_config
 
 
@@ -37,8 +38,11 @@ def test_gpt1_schedule():
     assert lr(cfg, end + 100) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_gpt3_schedule_in_tokens():
+def test_gpt3_schedule_in_tokens_without_ramp():
+    """With the ramp off a step is the full batch: the token boundaries fall where the old
+    full-batch conversion put them."""
     cfg = experiment("gpt3", "small")
+    cfg.optim.batch_ramp_tokens = 0
     per_step = cfg.train.batch_size * cfg.model.context  # 2**19 tokens
     assert per_step == 2**19
     warm = optim.warmup_steps(cfg)
@@ -47,10 +51,65 @@ def test_gpt3_schedule_in_tokens():
     assert decay == int(np.ceil(260e9 / per_step))
     peak = 6e-4
     assert lr(cfg, 0) == 0.0
-    assert lr(cfg, warm) == pytest.approx(peak)
+    assert lr(cfg, 358) == pytest.approx(peak * 358 * per_step / 375e6, rel=1e-5)
+    assert lr(cfg, warm - 1) < peak and lr(cfg, warm) == pytest.approx(peak)
     assert lr(cfg, decay) == pytest.approx(0.1 * peak)
+    config.validate(cfg)  # train.tokens -> train.steps
+    assert cfg.train.steps == int(np.ceil(300e9 / per_step))
     assert lr(cfg, cfg.train.steps) == pytest.approx(0.1 * peak)  # flat after 260B tokens
-    assert cfg.train.steps * per_step == pytest.approx(300e9, rel=1e-3)
+
+
+def ramp_reference(cfg, steps):
+    """The ramp as specified, step by step: tokens grow linearly in steps from b0 to the
+    full batch B over K = 2R / (b0 + B) steps, rounded to whole microbatches."""
+    o, m = cfg.optim, cfg.train.microbatches
+    full = cfg.train.batch_size * cfg.model.context
+    k = 2 * o.batch_ramp_tokens / (o.batch_ramp_start_tokens + full)
+    tokens = o.batch_ramp_start_tokens + (full - o.batch_ramp_start_tokens) * np.minimum(
+        np.arange(steps) / k, 1.0)
+    return np.clip(np.round(m * tokens / full), 1, m).astype(np.int64)
+
+
+@pytest.mark.parametrize("size", ["small", "xl", "175b"])
+def test_gpt3_boundaries_in_real_tokens_with_the_ramp(size):
+    """Warmup ends at 375M tokens actually consumed, decay at 260B, training at 300B
+    (the full-batch conversion ended warmup at 31M / 15.6M / 6.55M tokens)."""
+    cfg = config.validate(experiment("gpt3", size))
+    micro = cfg.train.batch_size // cfg.train.microbatches * cfg.model.context
+    ramp_steps = int(optim.ramp_starts(cfg)[-1]) + 2
+    count = ramp_reference(cfg, ramp_steps)
+    np.testing.assert_array_equal(optim.microbatches_at(cfg, np.arange(ramp_steps)), count)
+    np.testing.assert_array_equal(optim.tokens_consumed(cfg, np.arange(1, ramp_steps + 1)),
+                                  np.cumsum(count) * micro)
+    consumed = functools.partial(optim.tokens_consumed, cfg)
+    peak, floor = cfg.optim.peak_lr, 0.1 * cfg.optim.peak_lr
+    for boundary, step in ((375e6, optim.warmup_steps(cfg)), (260e9, optim.decay_steps(cfg)),
+                           (300e9, cfg.train.steps)):
+        assert consumed(step - 1) < boundary <= consumed(step)
+    warm = optim.warmup_steps(cfg)
+    assert warm > 5 * int(np.ceil(375e6 / optim.tokens_per_step(cfg)))  # the ramp's small steps
+    for s in (1, warm // 3, warm - 1):  # warmup is linear in tokens seen
+        assert lr(cfg, s) == pytest.approx(peak * consumed(s) / 375e6, rel=1e-5)
+    assert lr(cfg, warm) == pytest.approx(peak, rel=1e-6)
+    decay = optim.decay_steps(cfg)
+    mid = optim.steps_for_tokens(cfg, (375e6 + 260e9) / 2)  # the cosine's midpoint in tokens
+    frac = (consumed(mid) - 375e6) / (260e9 - 375e6)
+    assert lr(cfg, mid) == pytest.approx(
+        floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * frac)), rel=1e-4)
+    assert lr(cfg, decay - 200) > floor * 1.000001
+    assert lr(cfg, decay) == pytest.approx(floor) and lr(cfg, cfg.train.steps) == lr(cfg, decay)
+    # traced (in the optimizer) and eager agree: a resumed run sees the same lr
+    sched = optim.learning_rate_schedule(cfg)
+    steps = jnp.array([0, 1, warm - 1, warm, mid, decay])
+    np.testing.assert_array_equal(jax.jit(jax.vmap(sched))(steps),
+                                  [float(sched(int(s))) for s in steps])
+
+
+def test_token_fields_must_be_non_negative():
+    cfg = experiment("gpt3", "small")
+    cfg.train.tokens = -1
+    with pytest.raises(config.ConfigError, match=r"train.tokens=-1 must be a number of tokens"):
+        config.validate(cfg)
 
 
 def test_finetune_and_sft_schedules():
@@ -100,7 +159,7 @@ def test_batch_ramp():
     counts = [int(optim.microbatches_at(cfg, s)) for s in range(0, int(ramp_steps) + 2, 50)]
     assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == m
     # tokens consumed by the ramp are about the configured 4B
-    used = sum(int(optim.microbatches_at(cfg, s)) for s in range(int(ramp_steps)))
+    used = int(optim.microbatches_at(cfg, np.arange(int(ramp_steps))).sum())
     assert used * 32768 == pytest.approx(4e9, rel=0.02)
     cfg.optim.batch_ramp_tokens = 0
     assert int(optim.microbatches_at(cfg, 0)) == m

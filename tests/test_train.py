@@ -95,7 +95,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     assert {"config.json", "metrics.jsonl", "checkpoints", "tb"} <= names
     rows = metrics.read_metrics(tmp_path / "straight")
     evals = [r for r in rows if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [10, 20] and evals[0]["eval_bpb"] > 0
+    assert [r["step"] for r in evals] == [0, 10, 20] and evals[0]["eval_bpb"] > 0  # 0: init
     train_row = next(r for r in rows if "loss" in r)
     assert {"tokens", "lr", "grad_norm", "tokens_per_s", "step_time_s"} <= set(train_row)
 
