@@ -79,15 +79,15 @@ def base_config() -> ml_collections.ConfigDict:
     t.batch_size = 8  # global sequences per optimizer step
     t.microbatches = 1  # gradient accumulation steps per optimizer step
     t.steps = 1000
+    t.tokens = 0  # if > 0, `validate` sets train.steps to the steps that consume this many
     t.log_every = 10
     t.eval_every = 100
     t.eval_batches = 4
+    t.eval_at_start = True  # evaluate before the first step too (nanoGPT): curves start at init
     t.ckpt_every = 200
-    t.tokens = 0  # if > 0, `validate` sets train.steps to the steps that consume this many
     t.keep = 2
     t.sample_tokens = 64
     t.sample_prompt = "def "
-    t.eval_at_start = True  # evaluate before the first step too (nanoGPT): curves start at init
     t.sample_temperature = 0.8  # 0 = greedy
     t.sample_top_p = 0.95
 
@@ -95,11 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.source = "stdlib"
     d.sequence = ""  # babygpt: a literal 0/1 token string
     d.text_glob = ""
+    d.val_glob = ""  # 'text': the validation files ('' = a hash split of text_glob's files)
     d.tfds_name = ""
     d.tfds_split = "train"
     d.tfds_val_split = "validation"
     d.tfds_text_feature = "text"
-    d.val_glob = ""  # 'text': the validation files ('' = a hash split of text_glob's files)
     d.tfds_data_dir = ""
     d.tfds_max_docs = 0  # 0 = all documents
     d.data_dir = "data"  # token files and tokenizer models live here (a local path)
@@ -225,14 +225,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if o.batch_ramp_tokens:
         if o.batch_ramp_start_tokens <= 0:
             _fail("optim.batch_ramp_start_tokens", o.batch_ramp_start_tokens, "must be > 0")
-
-    _check_choice(cfg, "data.source", DATA_SOURCES)
-    _check_choice(cfg, "data.tokenizer", TOKENIZERS)
-    if d.source == "text" and not d.text_glob:
-        _fail("data.text_glob", d.text_glob, "must name files when data.source='text'")
-    if d.source == "tfds" and not d.tfds_name:
-        _fail("data.tfds_name", d.tfds_name, "must name a TFDS dataset when data.source='tfds'")
-    if d.tokenizer in ("file", "gpt2", "gpt1") and not d.tokenizer_path:
     for field in ("optim.warmup_tokens", "optim.decay_tokens", "optim.batch_ramp_tokens",
                   "train.tokens"):
         value = _get(cfg, field) if field != "train.tokens" else t.get("tokens", 0)
@@ -241,6 +233,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if t.get("tokens", 0):
         from gpt_jax import optim  # jax; only for token-counted runs
         t.steps = max(1, optim.steps_for_tokens(cfg, t.tokens))
+
+    _check_choice(cfg, "data.source", DATA_SOURCES)
+    _check_choice(cfg, "data.tokenizer", TOKENIZERS)
+    if d.source == "text" and not d.text_glob:
+        _fail("data.text_glob", d.text_glob, "must name files when data.source='text'")
+    if d.source == "tfds" and not d.tfds_name:
+        _fail("data.tfds_name", d.tfds_name, "must name a TFDS dataset when data.source='tfds'")
+    if d.tokenizer in ("file", "gpt2", "gpt1") and not d.tokenizer_path:
         _fail("data.tokenizer_path", d.tokenizer_path,
               f"must point to a tokenizer when data.tokenizer={d.tokenizer!r}")
     if not 0.0 < d.val_fraction < 1.0:

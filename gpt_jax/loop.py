@@ -200,6 +200,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
     final: dict = {}
     tic, tic_step = time.perf_counter(), start
 
+    def tokens(steps: int) -> int:  # actually consumed: GPT-3's batch ramp shrinks early steps
+        return task.tokens_per_step * optim.microbatches_consumed(cfg, steps) // t.microbatches
+
+    if start == 0 and t.get("eval_at_start", True):  # curves start at the init loss (nanoGPT)
+        writer.write(0, {**task.evaluate(state["params"]), "tokens": 0})
+        tic = time.perf_counter()
+
     def check_losses() -> list[float]:
         values = [float(v) for _, v in pending]
         for (s, _), v in zip(pending, values):
@@ -214,19 +221,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
 
     for step in range(start, t.steps):
         batch = global_batch(task.batch(step), mesh)
-    def tokens(steps: int) -> int:  # actually consumed: GPT-3's batch ramp shrinks early steps
-        return task.tokens_per_step * optim.microbatches_consumed(cfg, steps) // t.microbatches
-
-    if start == 0 and t.get("eval_at_start", True):  # curves start at the init loss (nanoGPT)
-        writer.write(0, {**task.evaluate(state["params"]), "tokens": 0})
-        tic = time.perf_counter()
-
         state, metrics = trainer.train_step(state, batch, rng, optim.microbatches_at(cfg, step))
         pending.append((step + 1, metrics["loss"]))
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
             losses = check_losses()
             step_time = (time.perf_counter() - tic) / (done - tic_step)
+            tok_s = (tokens(done) - tokens(tic_step)) / (step_time * (done - tic_step))
             tic, tic_step = time.perf_counter(), done
             final = {"loss": losses[-1], "lr": float(lr(step)),
                      "grad_norm": float(metrics["grad_norm"]),
@@ -240,7 +241,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
             evals = task.evaluate(state["params"])
             last_eval, last_eval_step = evals.get("eval_loss", float("nan")), done
             writer.write(done, {**evals, "tokens": tokens(done)})
-            tok_s = (tokens(done) - tokens(tic_step)) / (step_time * (done - tic_step))
             final.update(evals)
             tic, tic_step = time.perf_counter(), done
         progress.update(1)
