@@ -1,4 +1,4 @@
-"""Model FLOPs per token and accelerator peaks: the numbers behind every MFU figure."""
+"""Model FLOPs per token and the device's peak (from `chips`): every MFU figure's parts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import jax
 import ml_collections
 
-from gpt_jax import model
+from gpt_jax import chips, model
 
 
 def flops_per_token(model_cfg: ml_collections.ConfigDict, n_params: int | None = None) -> float:
@@ -24,21 +24,8 @@ def flops_per_token(model_cfg: ml_collections.ConfigDict, n_params: int | None =
     return 6.0 * n_matmul + 12.0 * m.d_model * attn
 
 
-# Peak dense bf16 FLOP/s per chip, from the vendors' data sheets.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,  # v5p
-    "TPU v5p": 459e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-}
-
-
 def device_peak_flops(device: jax.Device | None = None) -> float | None:
-    """Peak bf16 FLOP/s of a device from the table, or None (e.g. CPUs: measure instead)."""
-    kind = (device or jax.devices()[0]).device_kind
-    matches = [k for k in PEAK_FLOPS if kind.startswith(k)]
-    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+    """Peak bf16 FLOP/s of a device from `chips.CHIPS`, or None (e.g. CPUs: measure
+    instead)."""
+    chip = chips.chip_of(device)
+    return None if chip is None else chip.peak_flops

@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import run_python
 
-from gpt_jax import compile as compile_lib
+from gpt_jax import chips, flops, hlo_cost
 
 TINY = ["--config=experiments/tiny.py:char", "--config.model.context=32",
         "--config.model.n_layer=2", "--config.model.n_head=4", "--config.model.d_model=64",
@@ -20,20 +20,20 @@ needs_libtpu = pytest.mark.skipif(
                       "cannot be described, so the TPU AOT path is not exercised here")
 
 
-@pytest.mark.parametrize("name,chips,shape", [
+@pytest.mark.parametrize("name,num_chips,shape", [
     ("v4-8", 4, (2, 2, 1)), ("v4-32", 16, (2, 2, 4)), ("v5p-128", 64, (4, 4, 4)),
     ("v5p-256", 128, (4, 4, 8)), ("v5e-16", 16, (4, 4)), ("v5litepod-16", 16, (4, 4)),
     ("v5e-8", 8, (2, 4)), ("v6e-64", 64, (8, 8)), ("v5p:2x4x4", 32, (2, 4, 4)),
     ("cpu:8", 8, (8,))])
-def test_topology_names(name, chips, shape):
-    topo = compile_lib.parse_topology(name)
-    assert topo.num_chips == chips and topo.shape == shape
+def test_topology_names(name, num_chips, shape):
+    topo = chips.parse_topology(name)
+    assert topo.num_chips == num_chips and topo.shape == shape
 
 
 @pytest.mark.parametrize("bad", ["v9-8", "v5p-7", "v5e-12", "v5p:4x4", "tpu"])
 def test_bad_topology_names(bad):
     with pytest.raises(ValueError, match="topology"):
-        compile_lib.parse_topology(bad)
+        chips.parse_topology(bad)
 
 
 def test_compiles_for_host_cpus():
@@ -85,7 +85,7 @@ ENTRY %main (a: f32[8,16], q: bf16[16,128,2,64], k: bf16[16,128,2,64]) -> f32[8,
 
 
 def test_hlo_cost_counts_loops_and_batched_convolutions():
-    cost = compile_lib.hlo_cost(LOOP_HLO, uncounted_trip_count=3)
+    cost = hlo_cost.hlo_cost(LOOP_HLO, uncounted_trip_count=3)
     # XLA:TPU's form of einsum('bthd,bshd->bhts') for b=16, h=2, t=s=128, d=64: its
     # windows are mostly dilation holes, so only the taps on real elements count.
     attention = 2 * 16 * 2 * 128 * 128 * 64
@@ -93,7 +93,7 @@ def test_hlo_cost_counts_loops_and_batched_convolutions():
     assert cost.collective_bytes == {"all-reduce": 5 * 2 * (8 * 16 * 4) / 2}
     assert cost.uncounted_loops == 0
     unbounded = LOOP_HLO.replace("%n = s32[] constant(5)", "%n = s32[] parameter(1)")
-    cost = compile_lib.hlo_cost(unbounded, uncounted_trip_count=3)
+    cost = hlo_cost.hlo_cost(unbounded, uncounted_trip_count=3)
     assert cost.uncounted_loops == 1 and cost.matmul_flops == attention + 3 * 2 * 8 * 16 * 16
 
 
@@ -198,3 +198,113 @@ def test_fsdp_adds_no_matmul_work():
     r = json.loads(out.stdout.splitlines()[-1])
     assert r["True"][0] == pytest.approx(r["False"][0], rel=0.02), r
     assert r["True"][1] < 2 * r["False"][1], r  # weight gathers, not activation reshards
+
+
+# A Pallas kernel as XLA:TPU prints it: one instruction over several lines (its metadata
+# is multi-line JSON, one line of which starts with `}`), a custom call whose matmuls the
+# walk takes from the splash mask and block sizes. The dot after it must still be seen.
+KERNEL = ("custom-call(%m, %q, %q, %q), custom_call_target=\"tpu_custom_call\", "
+          "frontend_attributes={kernel_metadata={\n"
+          '"xprof_metadata":"{\\"block_q\\": 128, \\"block_kv\\": 128, '
+          '\\"block_q_dkv\\": 256, \\"block_kv_dkv\\": 256}"\n'
+          '}}, metadata={op_name="jit(step)/h_1/attn/shard_map/splash_band256/vmap('
+          'static_sparsity_splash)/jit(_splash_attention)/splash_mha_fwd_residuals/pallas_call"}')
+SPLASH_HLO = """HloModule m, num_partitions=1
+
+ENTRY %main (q: f32[4,2,512,64], w: f32[8,16]) -> f32[8,16] {
+  %q = f32[4,2,512,64]{3,2,1,0} parameter(0)
+  %w = f32[8,16]{1,0} parameter(1)
+  %m = s8[1,1,1]{2,1,0} constant({...})
+  %o = (f32[4,2,512,64]{3,2,1,0}, f32[4,2,512,128]{3,2,1,0}) KERNEL
+  %x = f32[8,16]{1,0} constant({...})
+  ROOT %y = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+""".replace("KERNEL", KERNEL)
+
+
+def test_hlo_cost_reads_splash_kernels_over_several_lines():
+    cost = hlo_cost.hlo_cost(SPLASH_HLO, uncounted_trip_count=1)
+    # 4 query blocks of 128 see their own and the two before within the 256-token band:
+    # 1 + 2 + 3 + 3 = 9 block pairs; 2 matmuls of 2 x 128 x 128 x 64 each, x 4 x 2 heads.
+    splash = 9 * 2 * 2 * 128 * 128 * 64 * 4 * 2
+    assert cost.matmul_flops == splash + 2 * 8 * 16 * 16
+    causal = SPLASH_HLO.replace("splash_band256", "splash_causal")
+    assert hlo_cost.hlo_cost(causal, 1).matmul_flops == 10 * splash / 9 + 2 * 8 * 16 * 16
+    dkv = SPLASH_HLO.replace("splash_mha_fwd", "splash_mha_dkv")  # its own blocks: 256
+    assert hlo_cost.hlo_cost(dkv, 1).matmul_flops == (
+        3 * 4 * 2 * 256 * 256 * 64 * 4 * 2 + 2 * 8 * 16 * 16)
+
+
+@pytest.mark.parametrize("length,window,bq,bkv,pairs", [
+    (2048, None, 512, 512, 10), (2048, 256, 512, 512, 7), (2048, 256, 128, 128, 45),
+    (512, 100, 128, 256, 5)])
+def test_splash_block_pairs(length, window, bq, bkv, pairs):
+    assert hlo_cost.splash_block_pairs(length, window, bq, bkv) == pairs
+
+
+def test_one_chip_table():
+    # flops (MFU), bench and compile read the same chips: every kind maps back to its chip
+    for chip in chips.CHIPS.values():
+        for kind in chip.device_kinds:
+            device = type("Device", (), {"device_kind": kind + " (variant)"})()
+            assert chips.chip_of(device) is chip
+            assert flops.device_peak_flops(device) == chip.peak_flops
+    assert chips.parse_topology("v6e-8").chip is chips.CHIPS["v6e"]
+    with pytest.raises(ValueError, match="topology"):
+        chips.parse_topology("h100-8")  # GPUs are not TPU slices
+
+
+# bfloat16 end to end (the GPT-2 and GPT-3 training configs): every matmul of the train step
+# takes bfloat16 operands (the only float32 operands are the float32 cotangents of the
+# float32-accumulated scores and logits), params and Adam moments stay float32, and the
+# softmax statistics (max, exp, log) and the step's metrics are float32.
+DTYPES = """
+import collections, json, jax
+from jax.extend import core
+from gpt_jax import compile as c, loop, sharding
+small = {"model.context": 32, "model.n_layer": 2, "model.n_head": 2, "model.d_model": 64,
+         "model.d_ff": 128, "model.vocab_size": 128, "train.batch_size": 4,
+         "train.microbatches": 2}
+out = {}
+# gpt2.py stays float32 until HF imports (convert.py, which starts from its defaults) pin
+# float32 themselves; its training runs set model.dtype=bfloat16 (benchmarks/gpu.sh).
+for spec, dtype in (("experiments/gpt2.py:small", {"model.dtype": "bfloat16"}),
+                    ("experiments/gpt3.py:small", {})):
+    cfg = c.apply_overrides(c.load_config(spec), {**small, **dtype})
+    trainer = loop.build_trainer(cfg, sharding.make_mesh(cfg))
+    jaxpr = jax.make_jaxpr(trainer.train_step)(*c.abstract_inputs(trainer)).jaxpr
+    seen = collections.Counter()
+    def walk(j):
+        for e in j.eqns:
+            if e.primitive.name in ("dot_general", "reduce_max", "exp", "log"):
+                ins = "x".join(sorted(str(v.aval.dtype) for v in e.invars))
+                seen[f"{e.primitive.name} {ins} -> {e.outvars[0].aval.dtype}"] += 1
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
+                        walk(getattr(sub, "jaxpr", sub))
+    walk(jaxpr)
+    state, metrics = jax.eval_shape(trainer.train_step, *c.abstract_inputs(trainer))
+    out[spec] = {"ops": seen, "state": sorted({str(x.dtype) for x in jax.tree.leaves(
+        (state["params"], state["opt_state"])) if x.ndim}),
+        "metrics": {k: str(v.dtype) for k, v in metrics.items()}}
+print(json.dumps(out))
+"""
+
+
+def test_bfloat16_compute_float32_state_and_statistics():
+    out = run_python(["-c", DTYPES])
+    assert out.returncode == 0, out.stderr[-3000:]
+    for spec, r in json.loads(out.stdout.splitlines()[-1]).items():
+        ops = r["ops"]
+        dots = {k: n for k, n in ops.items() if k.startswith("dot_general")}
+        assert dots.get("dot_general bfloat16xbfloat16 -> bfloat16", 0) > 0, (spec, dots)
+        f32_out = dots.get("dot_general bfloat16xbfloat16 -> float32", 0)  # scores, logits
+        assert f32_out >= 1, (spec, dots)
+        assert dots.get("dot_general bfloat16xfloat32 -> float32", 0) <= 2 * f32_out, dots
+        assert "dot_general float32xfloat32 -> float32" not in dots, (spec, dots)
+        stats = [k for k in ops if not k.startswith("dot_general")]
+        assert stats and all(k.endswith("float32 -> float32") and "bfloat16" not in k
+                             for k in stats), (spec, stats)
+        assert r["state"] == ["float32"], (spec, r["state"])
+        assert r["metrics"] == {"loss": "float32", "grad_norm": "float32"}, (spec, r)
