@@ -48,7 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype; params are always float32
     m.scan_layers = False
     m.remat = "none"
-    m.attention_impl = "xla"  # passed to jax.nn.dot_product_attention ('xla', 'cudnn')
+    # 'auto': Pallas splash attention on TPU, cuDNN flash attention on GPU (bf16/f16),
+    # XLA elsewhere; or force 'xla', 'splash' or 'cudnn' (gpt_jax/attention.py).
+    m.attention_impl = "auto"
+    m.splash_block_q = 512  # splash kernel block sizes (multiples of 128; capped at T)
+    m.splash_block_kv = 512
 
     cfg.optim = o = ml_collections.ConfigDict()
     # 'cosine': linear warmup from 0, cosine to final_lr_frac * peak at the end of
@@ -193,7 +197,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(cfg, "model.attention_pattern", ("dense", "alternating"))
     _check_choice(cfg, "model.dtype", DTYPES)
     _check_choice(cfg, "model.remat", REMAT_POLICIES)
-    _check_choice(cfg, "model.attention_impl", ("xla", "cudnn", "auto"))
+    _check_choice(cfg, "model.attention_impl", ("auto", "xla", "splash", "cudnn"))
+    for field in ("model.splash_block_q", "model.splash_block_kv"):
+        value = m.get(field.split(".")[1], 512)
+        if not isinstance(value, int) or value < 128 or value % 128:
+            _fail(field, value, "must be a positive multiple of 128 (the TPU's lanes)")
     if m.attention_pattern == "alternating" and not 1 <= m.window:
         _fail("model.window", m.window, "must be >= 1 for alternating attention")
     for field in ("model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop"):

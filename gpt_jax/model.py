@@ -80,7 +80,7 @@ class SelfAttention(nn.Module):
             bias_init=_zeros((None, "heads", "kv")))(x_BxTxD)
         q, k, v = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
         dropout = 0.0 if self.deterministic else cfg.attn_pdrop
-        kw = dict(dropout_rate=dropout, implementation=cfg.attention_impl,
+        kw = dict(dropout_rate=dropout, kernel=attention.Kernel.from_config(cfg),
                   dropout_rng=self.make_rng("dropout") if dropout > 0 else None)
         if self.decode:
             y_BxTxHxK = self._cached_attention(q, k, v, step)
