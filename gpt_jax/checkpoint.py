@@ -1,6 +1,6 @@
 """Checkpoints: one orbax manager for pretraining, fine-tuning and RLHF.
 
-A workdir holds `config.json` (the resolved config), `checkpoints/<step>/`
+A workdir (see `workdir.py` for its layout) holds `checkpoints/<step>/`
 with items `params`, `opt_state` (both saved sharded, restorable onto any
 mesh) and `meta` (JSON: step, data position, seeds, eval loss), plus what the
 trainer writes beside them. Orbax writes each step to a temporary directory
@@ -15,33 +15,10 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from gpt_jax import config as config_lib
-
-CONFIG_FILE = "config.json"
-ITEMS = ("params", "opt_state", "meta")
-
-
-def write_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
-    """Writes the resolved config once, atomically (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    path = epath.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (CONFIG_FILE + ".tmp")
-    tmp.write_text(config_lib.to_json(cfg))
-    tmp.replace(path / CONFIG_FILE)
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a gpt_jax workdir?")
-    return config_lib.from_json(path.read_text())
+from gpt_jax.workdir import Workdir
 
 
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
@@ -62,11 +39,11 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True)
-        workdir = os.fspath(workdir)
-        if "://" not in workdir:  # orbax wants absolute paths (gs:// ones already are)
-            workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(workdir, "checkpoints")
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.directory = Workdir(workdir).checkpoints
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "params": ocp.StandardCheckpointHandler(),
+            "opt_state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -78,6 +55,11 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
+
+    def saved_params(self, step: int) -> Any:
+        """The params tree of checkpoint `step` as array metadata (shapes, dtypes), read
+        without loading any array: to check a config against a run before restoring."""
+        return self.manager.item_metadata(step)["params"]
 
     def restore(self, step: int, abstract_params: Any,
                 abstract_opt_state: Any | None = None) -> dict:
@@ -97,9 +79,10 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, dict]:
-    """(params, meta) of a workdir's latest (or given) checkpoint: for sampling,
-    evaluation and initialising fine-tuning, SFT and RLHF from a pretrained run.
+def restore_params(workdir: str | os.PathLike, abstract_params: Any,
+                   step: int | None = None) -> tuple[Any, dict]:
+    """(params, meta) of a workdir's latest (or given) checkpoint; `workdir.open_run` is the
+    way tools open a run, this is its orbax half.
     Leaves of `abstract_params` without a sharding land on this process's first device,
     whatever devices wrote the checkpoint."""
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -115,16 +98,3 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
         return restored["params"], restored["meta"]
     finally:
         ckpt.close()
-
-
-def restore_on_mesh(workdir: str, boxed: Any, mesh: jax.sharding.Mesh,
-                    cfg: ml_collections.ConfigDict) -> Any:
-    """A workdir's latest params (a tree shaped like the boxed abstract `boxed`), laid out on
-    `mesh` with the shardings the logical-axis rules of `cfg` give them."""
-    from gpt_jax import model as model_lib
-    from gpt_jax import sharding
-
-    abstract = abstract_with_shardings(model_lib.unbox(boxed),
-                                       sharding.tree_shardings(boxed, mesh, cfg))
-    params, _ = restore_params(workdir, abstract)
-    return params

@@ -6,7 +6,11 @@ block, so importing any module never defines flags.
 
 from __future__ import annotations
 
-from absl import flags, logging
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 
@@ -39,3 +43,26 @@ def start() -> None:
         sharding.set_cpu_devices(f.config)
     if "coordinator_address" in f:
         sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+    if "workdir" in f and f.workdir:  # a missing bucket or credentials: now, not after compiling
+        from gpt_jax.workdir import Workdir
+        Workdir(f.workdir).check_writable()
+
+
+def run(main: Callable[[list[str]], None], errors: tuple[type[Exception], ...] = ()) -> None:
+    """`absl.app.run(main)`, printing the project's own errors (a config field, a workdir,
+    and `errors`) as one `error: ...` line with exit status 2 instead of a traceback
+    (`--verbosity=1` or GPT_JAX_TRACEBACK=1 shows it)."""
+    from gpt_jax.config import ConfigError
+    from gpt_jax.workdir import WorkdirError
+
+    def guarded(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except (ConfigError, WorkdirError, *errors) as e:
+            if os.environ.get("GPT_JAX_TRACEBACK") or flags.FLAGS["verbosity"].present:
+                raise
+            sys.stdout.flush()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            os._exit(2)  # skip orbax's atexit hooks, whose tracebacks would bury the line
+
+    app.run(guarded)

@@ -46,7 +46,8 @@ import numpy as np
 
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.config import ConfigError
-from gpt_jax.tokenizer import Tokenizer, atomic_write_bytes
+from gpt_jax.tokenizer import Tokenizer
+from gpt_jax.workdir import atomic_write_bytes
 
 SPLITS = ("train", "val")
 SPLIT_NAMES = {"train": "training", "val": "validation"}

@@ -43,11 +43,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax import sharding
-from gpt_jax.tokenizer import Tokenizer, load_tokenizer
+from gpt_jax.tokenizer import Tokenizer
+from gpt_jax.workdir import REPORTS_DIR, Workdir, atomic_write_bytes, open_run
 
 MIN_BUCKET = 16
 TASK_TYPES = ("multiple_choice", "completion")
@@ -438,18 +438,6 @@ def tfds_examples(name: str, split: str, adapter: str, data_dir: str = "",
 
 # ---------------------------------------------------------------- loading, report, CLI
 
-def load_workdir(workdir: str, step: int | None = None
-                 ) -> tuple[ml_collections.ConfigDict, jax.sharding.Mesh, Any, Tokenizer, int]:
-    """(config, mesh, params sharded as in training, tokenizer, step) of a workdir."""
-    cfg = ckpt_lib.read_config(workdir)
-    mesh = sharding.make_mesh(cfg)
-    boxed = model_lib.abstract_params(cfg.model)
-    abstract = ckpt_lib.abstract_with_shardings(model_lib.unbox(boxed),
-                                                sharding.tree_shardings(boxed, mesh, cfg))
-    params, meta = ckpt_lib.restore_params(workdir, abstract, step)
-    return cfg, mesh, params, load_tokenizer(workdir), int(meta["step"])
-
-
 def summary_table(reports: list[dict]) -> str:
     """The terminal table: task, shots, metric, value, examples."""
     rows = [("task", "shots", "metric", "value", "n")]
@@ -490,7 +478,9 @@ def run(workdir: str, tasks: Sequence[str] = (), shots: Sequence[int] = (0,), se
         lm_name: str = "lm", stride: int = 0, step: int | None = None,
         out: str | None = None) -> dict:
     """Evaluates a workdir on LM documents and/or task files; returns (and writes) the report."""
-    cfg, mesh, params, tok, step = load_workdir(workdir, step)
+    opened = open_run(workdir, step=step)
+    cfg, mesh, params, tok, step = (opened.cfg, opened.mesh, opened.params, opened.tokenizer,
+                                    opened.step)
     scorer = Scorer(cfg.model, params, mesh, tok.eot_id, batch_size, vocab=tok.vocab_size)
     reports = []
     if lm_docs is not None:
@@ -499,12 +489,14 @@ def run(workdir: str, tasks: Sequence[str] = (), shots: Sequence[int] = (0,), se
     for path in tasks:
         spec, evals, train = load_task(path, limit)
         reports += evaluate_task(scorer, tok, spec, evals, train, shots, seed)
-    report = {"workdir": os.path.abspath(workdir), "step": step, "model": cfg.name,
+    report = {"workdir": str(opened.workdir), "step": step, "model": cfg.name,
               "tokenizer": tok.kind, "results": reports}
-    if out and jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
+    if jax.process_index() == 0:  # into the run (reports/), and to --out if given
+        text = json.dumps(report, indent=2)
+        names = "-".join(r["task"].replace(":", "_").replace("/", "_") for r in reports)
+        opened.workdir.write_text(f"{REPORTS_DIR}/step{step}-{names or 'none'}.json", text)
+        if out:
+            atomic_write_bytes(out, text.encode())
     return report
 
 
@@ -525,7 +517,7 @@ def main(argv: list[str]) -> None:
         lm_name = f"lm:{f.lm_tfds}"
     elif f.lm_val:
         from gpt_jax import data as data_lib
-        lm_docs, lm_name = data_lib.make_source(ckpt_lib.read_config(f.workdir)).docs("val"), \
+        lm_docs, lm_name = data_lib.make_source(Workdir(f.workdir).read_config()).docs("val"), \
             "lm:val"
     if lm_docs is not None and f.lm_max_docs:
         lm_docs = list(lm_docs)[:f.lm_max_docs]
@@ -541,6 +533,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from gpt_jax import cli
     define_flags()
-    app.run(main)
+    cli.run(main)

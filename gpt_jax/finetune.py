@@ -26,15 +26,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
-from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import cli, loop, sharding, steps
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
-from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.config import ConfigError
+from gpt_jax.workdir import Workdir, open_run
 
 Array = jax.Array
 TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
@@ -284,7 +283,7 @@ def encode_split(examples: Iterable[tuple[dict, float]], task_type: str,
 def finetune_config(cfg: ml_collections.ConfigDict, init_from: str,
                     num_train: int) -> ml_collections.ConfigDict:
     """The task config with the pretrained model's shape (+3 tokens) and steps from epochs."""
-    cfg = config_lib.inherit_model(cfg, ckpt_lib.read_config(init_from))
+    cfg = config_lib.inherit_model(cfg, Workdir(init_from).read_config())
     cfg.model.vocab_size += NUM_SPECIAL
     if cfg.finetune.epochs:
         cfg.train.steps = max(1, cfg.finetune.epochs * (num_train // cfg.train.batch_size))
@@ -302,11 +301,9 @@ def make_task(cfg: ml_collections.ConfigDict, init_from: str, mesh: jax.sharding
     boxed = jax.eval_shape(lambda r: net.init(r, example["tokens"], example["extract"]),
                            jax.random.key(0))["params"]
     micro = cfg.train.batch_size // cfg.train.microbatches
-    pre_model = ckpt_lib.read_config(init_from).model
 
     def init_params(rng: jax.Array, shardings: Any) -> Any:
-        gpt = ckpt_lib.restore_on_mesh(init_from, model_lib.abstract_params(pre_model), mesh,
-                                       cfg)
+        gpt = open_run(init_from, mesh, rules=cfg).params
 
         def build(gpt: Any, rng: jax.Array) -> Any:
             fresh = model_lib.unbox(net.init(rng, example["tokens"], example["extract"]))
@@ -338,7 +335,7 @@ def make_task(cfg: ml_collections.ConfigDict, init_from: str, mesh: jax.sharding
 
 def finetune(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> dict:
     """Fine-tunes the pretrained workdir `init_from` on the config's task; final metrics."""
-    tok = tokenizer_lib.load_tokenizer(init_from)
+    tok = Workdir(init_from).tokenizer()
     train_examples = load_split(cfg.finetune, "train")
     cfg = finetune_config(cfg, init_from, len(train_examples))
     sp = Specials.after(cfg.model.vocab_size - NUM_SPECIAL)
@@ -348,7 +345,7 @@ def finetune(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> di
     val_arrays = encode(load_split(cfg.finetune, "validation"))
     mesh = sharding.make_mesh(cfg)
     sharding.check_batch(cfg, mesh)
-    tok.save(workdir)
+    Workdir(workdir).save_tokenizer(tok)
     task = make_task(cfg, init_from, mesh, train_arrays, val_arrays)
     final, _, _ = loop.run(cfg, workdir, mesh, task)
     if jax.process_index() == 0:
@@ -365,4 +362,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     cli.define_run_flags("Fine-tuning config (experiments/finetune/).", init_from=True)
-    app.run(main)
+    cli.run(main)

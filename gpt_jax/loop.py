@@ -29,6 +29,7 @@ from gpt_jax import model as model_lib
 from gpt_jax import optim, sharding, steps
 from gpt_jax.flops import device_peak_flops
 from gpt_jax.metrics import MetricsWriter
+from gpt_jax.workdir import Workdir, check_compatible
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,11 +113,16 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    model_lib.unbox(boxed_opt), init_state, train_step)
 
 
-def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer) -> tuple[dict, dict]:
-    """(state, meta) from the latest checkpoint onto this mesh, or freshly initialised."""
+def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
+                    workdir: Workdir | None = None) -> tuple[dict, dict]:
+    """(state, meta) from the latest checkpoint onto this mesh, or freshly initialised.
+    With `workdir`, a checkpoint of another model shape is refused (one line) before any
+    array is read."""
     step = ckpt.latest_step()
     if step is None:
         return trainer.init_state(jax.random.key(trainer.cfg.seed)), {}
+    if workdir is not None:
+        check_compatible(workdir, trainer.abstract_params, ckpt.saved_params(step), trainer.cfg)
     restored = ckpt.restore(
         step, ckpt_lib.abstract_with_shardings(trainer.abstract_params, trainer.param_shardings),
         ckpt_lib.abstract_with_shardings(trainer.abstract_opt_state, trainer.opt_shardings))
@@ -161,33 +167,41 @@ def eval_batches(arrays: dict[str, np.ndarray], rows: int, mesh: jax.sharding.Me
 
 
 class Preemption:
-    """SIGTERM sets a flag; all hosts agree on it at step boundaries."""
+    """Agrees on a step at which every host saves after a SIGTERM (a preemption notice).
+
+    One process: a Python signal handler sets a flag. Several: JAX's coordination
+    service does it. Its preemption notifier catches SIGTERM on any host and tells the
+    others in the background; `reached(step)` is a local check until then, so no step
+    pays for a host-to-host collective (multihost_utils.reached_preemption_sync_point).
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self._distributed = jax.process_count() > 1
+        if not self._distributed:
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         del signum, frame
         self.requested = True
 
-    def reached(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        flags_all = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags_all))
+    def reached(self, step: int) -> bool:
+        if self._distributed:
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.sharding.Mesh,
         task: Task) -> tuple[dict, Any, bool]:
     """Trains `task` to `train.steps`, resuming from `workdir`.
 
     Returns (last logged metrics, final params, whether the run was preempted).
     """
-    ckpt_lib.write_config(workdir, cfg)
+    workdir = Workdir(workdir)
     trainer = build_trainer(cfg, mesh, task.loss_fn, task.boxed_params, task.init_params)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep)
-    state, _ = restore_or_init(trainer, ckpt)
+    state, _ = restore_or_init(trainer, ckpt, workdir)
+    workdir.write_config(cfg)  # only now: a run that cannot resume keeps its config.json
     start, t = int(state["step"]), cfg.train
     writer = MetricsWriter(workdir)
     preemption = Preemption()
@@ -244,13 +258,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
             final.update(evals)
             tic, tic_step = time.perf_counter(), done
         progress.update(1)
-        stop = preemption.reached()
+        stop = preemption.reached(done)
         if done % t.ckpt_every == 0 or done == t.steps or stop:
             check_losses()
             meta = {"step": done, "data_step": done, "seed": cfg.seed, "data_seed": cfg.data.seed,
                     **task.extra_meta}
             ckpt.save(done, state["params"], state["opt_state"], meta,
                       eval_loss=last_eval if last_eval_step == done else None, force=stop)
+            writer.flush()
         if stop:
             logging.warning("SIGTERM: checkpointed step %d, exiting", done)
             break

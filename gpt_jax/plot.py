@@ -28,14 +28,15 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
-from gpt_jax import checkpoint, metrics, model
+from gpt_jax import cli, metrics, model
+from gpt_jax.workdir import Workdir
 
 WORKDIRS_ENV = "GPT_JAX_WORKDIRS"
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu")
@@ -137,8 +138,8 @@ def columns(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, np
 
 def load_run(workdir: str, label: str | None = None) -> Run:
     """A workdir's config and metrics; labelled by its config name unless `label` is given."""
-    cfg = checkpoint.read_config(str(workdir))
-    rows = metrics.read_metrics(str(workdir))
+    cfg = Workdir(workdir).read_config()
+    rows = metrics.read_metrics(workdir)
     return Run(workdir=str(workdir), label=label or cfg.get("name", os.path.basename(workdir)),
                config=cfg,
                train=columns([r for r in rows if "loss" in r], TRAIN_KEYS),
@@ -303,4 +304,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -337,29 +337,10 @@ def define_flags() -> None:
     flags.DEFINE_float("repetition_penalty", 1.0, "CTRL repetition penalty (1.0 = off).")
     flags.DEFINE_integer("no_repeat_ngram_size", 0, "Never repeat an n-gram of this size.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_bool("save", False, "Also write the samples into the workdir's samples/.")
     flags.DEFINE_bool("stream", False, "Print tokens as they are produced (sample by sample).")
     flags.DEFINE_integer("stream_chunk", 4, "Tokens per jitted call when streaming.")
     flags.mark_flags_as_required(["workdir"])
-
-
-def load(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, Any]:
-    """(config, params on the config's mesh, tokenizer) of a workdir's checkpoint; on a
-    machine whose devices do not fit that mesh, params are replicated instead."""
-    from gpt_jax import checkpoint, sharding
-    from gpt_jax.config import ConfigError
-    from gpt_jax.tokenizer import load_tokenizer
-    cfg = checkpoint.read_config(workdir)
-    try:
-        mesh = sharding.make_mesh(cfg)
-    except ConfigError as e:
-        print(f"note: {e}; sampling with mesh.data=-1, mesh.model=1", file=sys.stderr)
-        cfg.mesh.data, cfg.mesh.model, cfg.mesh.dcn_data = -1, 1, 1
-        mesh = sharding.make_mesh(cfg)
-    boxed = model_lib.abstract_params(cfg.model)
-    abstract = checkpoint.abstract_with_shardings(
-        model_lib.unbox(boxed), sharding.tree_shardings(boxed, mesh, cfg))
-    params, _ = checkpoint.restore_params(workdir, abstract, step)
-    return cfg, params, load_tokenizer(workdir)
 
 
 def main(argv: list[str]) -> None:
@@ -368,10 +349,14 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if not f["verbosity"].present:  # orbax logs every file at INFO
         logging.set_verbosity("warning")
-    cfg, params, tok = load(f.workdir, f.step)
+    from etils import epath
+
+    from gpt_jax.workdir import SAMPLES_DIR, open_run
+    run = open_run(f.workdir, step=f.step)
+    cfg, params, tok = run.cfg, run.params, run.tokenizer
     if f.prompt_file:
-        with open(f.prompt_file) as fh:
-            texts = [line.rstrip("\n") for line in fh if line.strip()]
+        texts = [line for line in epath.Path(f.prompt_file).read_text().splitlines()
+                 if line.strip()]
     else:
         texts = [f.prompt.replace("\\n", "\n")]  # a literal \n in --prompt is a newline
     sampling = SamplingConfig(f.temperature, f.top_k, f.top_p, f.repetition_penalty,
@@ -380,8 +365,12 @@ def main(argv: list[str]) -> None:
     if not f.stream:
         outs = generate(cfg.model, params, [ids for _, ids in rows], sampling,
                         f.max_new_tokens, tok.eot_id, f.seed, tok.vocab_size)
-        for i, ((text, _), new) in enumerate(zip(rows, outs)):
-            print(f"--- sample {i} ---\n{text}{tok.decode(new)}")
+        shown = "".join(f"--- sample {i} ---\n{text}{tok.decode(new)}\n"
+                        for i, ((text, _), new) in enumerate(zip(rows, outs)))
+        print(shown, end="")
+        if f.save:  # into the run: samples/step<step>-seed<seed>.txt
+            path = run.workdir.write_text(f"{SAMPLES_DIR}/step{run.step}-seed{f.seed}.txt", shown)
+            print(f"saved: {path}", file=sys.stderr)
         return
     for i, (text, ids) in enumerate(rows):  # one row at a time; row keys as in a batch
         print(f"--- sample {i} ---\n{text}", end="", flush=True)
@@ -397,6 +386,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from gpt_jax import cli
     define_flags()
-    app.run(main)
+    cli.run(main)

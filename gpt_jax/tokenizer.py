@@ -26,7 +26,6 @@ import importlib.util
 import io
 import json
 import os
-import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -36,6 +35,7 @@ import sentencepiece as spm
 from etils import epath
 
 from gpt_jax.config import ConfigError
+from gpt_jax.workdir import atomic_write_bytes
 
 EOT = "<|endoftext|>"
 MODEL_FILE = "tokenizer.model"  # the file names `Tokenizer.save` writes in a directory
@@ -45,25 +45,6 @@ GPT2_MERGES_FILE = "merges.txt"
 SPM_THREADS = 4  # fixed so training is reproducible whatever the machine
 SPM_MAX_SENTENCE_BYTES = 8192
 SENTENCE_CHARS = 2000  # training sentences are chunks of whole lines of about this size
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` (local or gs://) so readers never see half a file: locally via a
-    temp file + rename; a Cloud Storage object upload is atomic by itself."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if "://" in os.fspath(path):
-        path.write_bytes(data)
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _sha256(data: bytes) -> str:

@@ -15,13 +15,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from gpt_jax import cli, loop, sample, sharding, steps
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax.flops import flops_per_token
+from gpt_jax.workdir import Workdir
 
 
 def step_windows(cfg: ml_collections.ConfigDict, tokens: np.ndarray, step: int) -> np.ndarray:
@@ -66,7 +67,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(cfg)
     sharding.check_batch(cfg, mesh)
     corpus = data_lib.prepare(cfg)  # validates context and vocabulary against the data
-    corpus.tokenizer.save(workdir)
+    Workdir(workdir).save_tokenizer(corpus.tokenizer)
     if jax.process_index() == 0:
         print(f"{cfg.name}: {model_lib.count_params(model_lib.abstract_params(cfg.model)):,} "
               f"params; mesh {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} of "
@@ -101,4 +102,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     cli.define_run_flags()
-    app.run(main)
+    cli.run(main)

@@ -18,6 +18,7 @@ from gpt_jax import evaluate as E
 from gpt_jax import model as model_lib
 from gpt_jax import sharding
 from gpt_jax.tokenizer import EOT, CharTokenizer
+from gpt_jax.workdir import open_run
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 TOY_MC = os.path.join(REPO, "experiments", "eval", "toy_mc.json")
@@ -246,7 +247,8 @@ def test_choice_logprobs_match_transformers(gpt2_workdir):
     hf, hf_dir, workdir = gpt2_workdir
     ref_tok = transformers.GPT2Tokenizer(os.path.join(hf_dir, "vocab.json"),
                                          os.path.join(hf_dir, "merges.txt"))
-    cfg, mesh, params, tok, _ = E.load_workdir(workdir)
+    run = open_run(workdir)
+    cfg, mesh, params, tok = run.cfg, run.mesh, run.params, run.tokenizer
     scorer = E.Scorer(cfg.model, params, mesh, tok.eot_id, batch_size=4, progress=False)
     spec, evals, train = E.load_task(TOY_MC)
     evals = evals[:3]

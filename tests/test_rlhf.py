@@ -135,7 +135,7 @@ class _StopAfterFirst:
 
     requested = True
 
-    def reached(self):
+    def reached(self, step):
         return True
 
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, run_python
 
 from gpt_jax import checkpoint, metrics, model
+from gpt_jax.workdir import Workdir
 
 CORPUS = os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
 
@@ -37,7 +38,7 @@ def losses(workdir):
 
 
 def final_params(workdir):
-    cfg = checkpoint.read_config(workdir)
+    cfg = Workdir(workdir).read_config()
     shapes = model.unbox(model.abstract_params(cfg.model))
     params, meta = checkpoint.restore_params(workdir, shapes)
     return meta["step"], jax.tree.leaves(params)

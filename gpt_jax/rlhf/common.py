@@ -1,5 +1,5 @@
 """Pieces SFT, the reward model and PPO share: JSONL, prompt + response encoding, batches,
-the stage config built on the init workdir, and restoring a workdir's GPT params.
+and the stage config built on the init workdir.
 
 An example's token sequence is `prompt ids + response ids + [eot]`: the prompt is encoded
 as is (put any separator such as "\\nA:" in the prompt text), an empty prompt becomes
@@ -13,15 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
-from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
-from gpt_jax import model as model_lib
 from gpt_jax.config import ConfigError
+from gpt_jax.workdir import Workdir
 
 
 def train_val(rows: list[dict], val_path: str, required: Sequence[str]
@@ -61,21 +59,14 @@ def pad_examples(examples: Sequence[tuple[list[int], int]], max_len: int,
 def stage_config(cfg: ml_collections.ConfigDict, init_from: str) -> ml_collections.ConfigDict:
     """The stage config with the init workdir's model (this config's dropout kept) and data
     section (the pretraining corpus, recorded for PPO-ptx)."""
-    pre = ckpt_lib.read_config(init_from)
+    pre = Workdir(init_from).read_config()
     cfg = config_lib.inherit_model(cfg, pre)
     if "ppo" not in cfg or cfg.ppo.ptx_data == "init":
         cfg.data = pre.data
     return cfg
 
 
-def restore_gpt(workdir: str, model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                cfg: ml_collections.ConfigDict) -> Any:
-    """A pretrained or SFT workdir's GPT params on `mesh`."""
-    return ckpt_lib.restore_on_mesh(workdir, model_lib.abstract_params(model_cfg), mesh, cfg)
-
-
 def check_same_tokenizer(a: str, b: str) -> None:
     """Raises unless workdirs `a` and `b` hold the same vocabulary."""
-    from gpt_jax.tokenizer import load_tokenizer
-    if load_tokenizer(a).fingerprint != load_tokenizer(b).fingerprint:
+    if Workdir(a).tokenizer().fingerprint != Workdir(b).tokenizer().fingerprint:
         raise ConfigError(f"workdirs {a!r} and {b!r} use different tokenizers")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import cli, loop, optim, rlhf, sample, sharding, steps
@@ -55,6 +56,7 @@ from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.config import ConfigError
 from gpt_jax.metrics import MetricsWriter
 from gpt_jax.rlhf import common, reward
+from gpt_jax.workdir import POLICY_DIR, Workdir, open_run
 
 Array = jax.Array
 
@@ -319,7 +321,7 @@ def ppo_config(cfg: ml_collections.ConfigDict, init_from: str
         p.ptx_context = cfg.model.context
     cfg = rlhf.validate(cfg)
     if p.reward == "model":
-        value_cfg = ckpt_lib.read_config(p.reward_workdir).model
+        value_cfg = Workdir(p.reward_workdir).read_config().model
         value_cfg.embd_pdrop = value_cfg.resid_pdrop = value_cfg.attn_pdrop = 0.0
         check = cfg.copy_and_resolve_references()
         check.model = value_cfg
@@ -333,11 +335,11 @@ def initial_params(cfg: ml_collections.ConfigDict, value_cfg: ml_collections.Con
                    init_from: str, mesh: jax.sharding.Mesh, state_sh: Any) -> dict:
     """{'policy': the init workdir's GPT, 'value': the RM's params, or for a programmatic
     reward the init GPT with a zero head}, on the state shardings."""
-    policy = common.restore_gpt(init_from, cfg.model, mesh, cfg)
+    policy = open_run(init_from, mesh, rules=cfg).params
     if cfg.ppo.reward == "model":
         _, value = reward.load(cfg.ppo.reward_workdir, mesh, cfg)
     else:
-        gpt = common.restore_gpt(init_from, cfg.model, mesh, cfg)
+        gpt = open_run(init_from, mesh, rules=cfg).params
         head = {"kernel": jnp.zeros((value_cfg.d_model, 1)), "bias": jnp.zeros((1,))}
         value = {"gpt": gpt, "head": head}
     return jax.device_put({"policy": policy, "value": value}, state_sh["params"])
@@ -408,7 +410,7 @@ def train_ppo(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> d
     `workdir`; returns the last iteration's metrics."""
     cfg, value_cfg = ppo_config(cfg, init_from)
     p = cfg.ppo
-    tok = tokenizer_lib.load_tokenizer(init_from)
+    tok = Workdir(init_from).tokenizer()
     if p.reward == "model":
         common.check_same_tokenizer(init_from, p.reward_workdir)
     mesh = sharding.make_mesh(cfg)
@@ -422,8 +424,7 @@ def train_ppo(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> d
     corpus = data_lib.prepare(cfg) if p.ptx_batch_size else None
     s = build_steps(cfg, value_cfg, mesh, tok.vocab_size, tok.eot_id, target)
 
-    ckpt_lib.write_config(workdir, cfg)
-    tok.save(workdir)
+    Workdir(workdir).save_tokenizer(tok)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep)
     start = ckpt.latest_step()
     if start is None:
@@ -435,7 +436,8 @@ def train_ppo(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> d
         state = {"params": state["params"], "opt_state": state["opt_state"]}
         if jax.process_index() == 0:
             print(f"resuming from iteration {start} in {ckpt.directory}")
-    ref = common.restore_gpt(init_from, cfg.model, mesh, cfg)
+    Workdir(workdir).write_config(cfg)  # only once restore passed
+    ref = open_run(init_from, mesh, rules=cfg).params
     reward_params = reward.load(p.reward_workdir, mesh, cfg)[1] if target is None else None
 
     writer, preemption, final = MetricsWriter(workdir), loop.Preemption(), {}
@@ -449,11 +451,12 @@ def train_ppo(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> d
         writer.write(done, final)
         if jax.process_index() == 0 and (done % cfg.train.log_every == 0 or done == 1):
             print(f"iteration {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
-        stop = preemption.reached()
+        stop = preemption.reached(done)
         if done % cfg.train.ckpt_every == 0 or done == p.iterations or stop:
             ckpt.save(done, state["params"], state["opt_state"],
                       {"step": done, "iteration": done, "seed": cfg.seed,
                        "init_from": init_from, "reward_workdir": p.reward_workdir}, force=stop)
+            writer.flush()
         if stop:
             logging.warning("SIGTERM: checkpointed iteration %d, exiting", done)
             break
@@ -461,16 +464,16 @@ def train_ppo(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> d
     writer.close()
     if not preemption.requested:
         export_policy(cfg, state["params"]["policy"], state["opt_state"]["policy"], tok,
-                      f"{workdir}/policy", p.iterations)
+                      Workdir(workdir) / POLICY_DIR, p.iterations)
     return final
 
 
 def export_policy(cfg: ml_collections.ConfigDict, params: Any, opt_state: Any,
-                  tok: tokenizer_lib.Tokenizer, directory: str, step: int) -> None:
+                  tok: tokenizer_lib.Tokenizer, directory: str | os.PathLike, step: int) -> None:
     """The policy (and its optimizer state) as a plain GPT workdir (config, tokenizer, one
     checkpoint): for sampling, evaluation, or as another stage's `init_from`."""
-    ckpt_lib.write_config(directory, cfg)
-    tok.save(directory)
+    Workdir(directory).write_config(cfg)
+    Workdir(directory).save_tokenizer(tok)
     ckpt = ckpt_lib.Checkpointer(directory, keep=1, async_save=False)
     ckpt.save(step, params, opt_state, {"step": step}, force=True)
     ckpt.close()
@@ -484,4 +487,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     cli.define_run_flags("PPO config (experiments/rlhf/ppo.py).", init_from=True)
-    app.run(main)
+    cli.run(main)

@@ -30,7 +30,6 @@ included, of the training prompts) and its negation stored as `offset` in
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -38,18 +37,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import cli, loop, rlhf, sharding, steps
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.rlhf import common
+from gpt_jax.workdir import REWARD_OFFSET_FILE, Workdir, WorkdirError, open_run
 
 Array = jax.Array
 REQUIRED = ("prompt", "responses", "ranking")
-OFFSET_FILE = "reward_offset.json"
 
 
 class ScalarModel(nn.Module):
@@ -180,14 +178,12 @@ def load(workdir: str, mesh: jax.sharding.Mesh, cfg: ml_collections.ConfigDict
          ) -> tuple[ml_collections.ConfigDict, Any]:
     """(model config, params) of a reward-model workdir on `mesh`, the demonstration
     offset of reward_offset.json added to the head bias (the reward PPO optimises)."""
-    model_cfg = ckpt_lib.read_config(workdir).model
-    params = ckpt_lib.restore_on_mesh(workdir, abstract_params(model_cfg), mesh, cfg)
-    path = os.path.join(workdir, OFFSET_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: the reward-model run in {workdir!r} did not "
-                                "finish (rerun it to write the demonstration offset)")
-    with open(path) as f:
-        offset = float(json.load(f)["offset"])
+    run = open_run(workdir, mesh, rules=cfg, boxed=abstract_params)
+    if not run.workdir.exists(REWARD_OFFSET_FILE):
+        raise WorkdirError(f"{run.workdir / REWARD_OFFSET_FILE} not found: the reward-model run "
+                           "did not finish (rerun it to write the demonstration offset)")
+    offset = float(json.loads(run.workdir.read_text(REWARD_OFFSET_FILE))["offset"])
+    model_cfg, params = run.cfg.model, run.params
     head = {**params["head"], "bias": params["head"]["bias"] + offset}
     return model_cfg, {**params, "head": head}
 
@@ -203,7 +199,7 @@ def make_task(cfg: ml_collections.ConfigDict, init_from: str, mesh: jax.sharding
     boxed = abstract_params(cfg.model)
 
     def init_params(rng: Array, shardings: Any) -> Any:
-        gpt = common.restore_gpt(init_from, cfg.model, mesh, cfg)
+        gpt = open_run(init_from, mesh, rules=cfg).params
         build = lambda gpt, rng: {  # noqa: E731
             "gpt": gpt, "head": model_lib.unbox(ScalarModel(cfg.model).init(
                 rng, jnp.zeros((1, 1), jnp.int32)))["params"]["head"]}
@@ -243,7 +239,7 @@ def train_reward(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -
     """Trains the RM from the GPT of workdir `init_from`, then writes the demonstration
     offset (reward_offset.json); returns final metrics with `offset`."""
     cfg = common.stage_config(cfg, init_from)
-    tok = tokenizer_lib.load_tokenizer(init_from)
+    tok = Workdir(init_from).tokenizer()
     r = cfg.reward
     train_rows, val_rows = common.train_val(data_lib.read_jsonl(r.train_jsonl, REQUIRED),
                                             r.val_jsonl, REQUIRED)
@@ -251,7 +247,7 @@ def train_reward(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -
     cfg = rlhf.validate(cfg)
     mesh = sharding.make_mesh(cfg)
     sharding.check_batch(cfg, mesh)
-    tok.save(workdir)
+    Workdir(workdir).save_tokenizer(tok)
     encode = lambda rows: encode_rankings(rows, tok, r.max_len, r.max_k)  # noqa: E731
     task = make_task(cfg, init_from, mesh, encode(train_rows), encode(val_rows))
     final, params, _ = loop.run(cfg, workdir, mesh, task)
@@ -263,9 +259,9 @@ def train_reward(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -
     mean = mean_reward(cfg.model, params, demo_arrays,
                        cfg.train.batch_size // cfg.train.microbatches, mesh)
     if jax.process_index() == 0:
-        tokenizer_lib.atomic_write_bytes(os.path.join(workdir, OFFSET_FILE), json.dumps(
+        Workdir(workdir).write_text(REWARD_OFFSET_FILE, json.dumps(
             {"offset": -mean, "demo_mean_reward": mean, "num_demos": len(demos),
-             "demos": source}, indent=2).encode())
+             "demos": source}, indent=2))
         shown = {k: round(v, 4) for k, v in final.items() if k in ("loss", "eval_loss",
                                                                     "accuracy")}
         print(f"{cfg.name}: {shown}; demonstrations' mean reward {mean:.4f} -> offset "
@@ -281,4 +277,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     cli.define_run_flags("Reward-model config (experiments/rlhf/reward.py).", init_from=True)
-    app.run(main)
+    cli.run(main)

@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import cli, loop, rlhf, sharding, steps
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.rlhf import common
+from gpt_jax.workdir import Workdir, open_run
 
 Array = jax.Array
 REQUIRED = ("prompt", "response")
@@ -63,11 +63,8 @@ def make_task(cfg: ml_collections.ConfigDict, init_from: str, mesh: jax.sharding
     net = model_lib.GPT(cfg.model)
 
     def init_params(rng: Array, shardings: Any) -> Any:
-        del rng
-        abstract = model_lib.unbox(model_lib.abstract_params(cfg.model))
-        params, _ = ckpt_lib.restore_params(
-            init_from, ckpt_lib.abstract_with_shardings(abstract, shardings))
-        return params
+        del rng, shardings  # the run's params, laid out by this config's rules on `mesh`
+        return open_run(init_from, mesh, rules=cfg).params
 
     def batch(step: int) -> dict[str, np.ndarray]:
         full = data_lib.epoch_batch(train_arrays, seed=cfg.data.seed, step=step,
@@ -99,14 +96,14 @@ def make_task(cfg: ml_collections.ConfigDict, init_from: str, mesh: jax.sharding
 def sft(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> dict:
     """Fine-tunes the GPT of workdir `init_from` on the demonstrations; final metrics."""
     cfg = common.stage_config(cfg, init_from)
-    tok = tokenizer_lib.load_tokenizer(init_from)
+    tok = Workdir(init_from).tokenizer()
     rows = data_lib.read_jsonl(cfg.sft.train_jsonl, REQUIRED)
     train_rows, val_rows = common.train_val(rows, cfg.sft.val_jsonl, REQUIRED)
     cfg.train.steps = max(1, cfg.sft.epochs * (len(train_rows) // cfg.train.batch_size))
     cfg = rlhf.validate(cfg)
     mesh = sharding.make_mesh(cfg)
     sharding.check_batch(cfg, mesh)
-    tok.save(workdir)
+    Workdir(workdir).save_tokenizer(tok)
     task = make_task(cfg, init_from, mesh, encode_split(train_rows, tok, cfg.sft.max_len),
                      encode_split(val_rows, tok, cfg.sft.max_len))
     final, _, _ = loop.run(cfg, workdir, mesh, task)
@@ -124,4 +121,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     cli.define_run_flags("SFT config (experiments/rlhf/sft.py).", init_from=True)
-    app.run(main)
+    cli.run(main)
