@@ -10,7 +10,9 @@ step time (median and spread over repeats), tokens/s, model FLOPs per token, MFU
 peak memory from XLA's memory analysis, compile time and the KV-cache sampler's
 tokens/s. On CPUs there is no data-sheet peak, so MFU is against a measured float32
 matmul peak (said in the output). `attention` times one attention layer fwd+bwd,
-dense against banded, over contexts.
+dense against banded, over contexts, for each kernel of the platform (XLA; splash on
+TPU, cuDNN on GPU), and checks each kernel against XLA (on CPU: splash in interpret
+mode, untimed).
 """
 
 from __future__ import annotations
@@ -223,42 +225,72 @@ def run_train(cfg: ml_collections.ConfigDict, repeats: int = 5, steps: int = 10,
     return out
 
 
+def attention_impls(platform: str) -> tuple[str, ...]:
+    """The attention kernels worth timing on `platform` (attention.py's table)."""
+    return {"tpu": ("xla", "splash"), "gpu": ("xla", "cudnn")}.get(platform, ("xla",))
+
+
 def attention_layer_step(d_model: int, n_head: int, batch: int, context: int,
-                         window: int | None) -> Callable[[], Any]:
-    """A jitted fwd+bwd of one attention op (dense if window is None, else banded)."""
+                         window: int | None, impl: str = "xla", dtype: Any = jnp.float32
+                         ) -> Callable[[], Any]:
+    """A jitted fwd+bwd of one attention op (dense if window is None, else banded) on the
+    kernel `impl`; the call returns (output, (dq, dk, dv))."""
     hd = d_model // n_head
     keys = jax.random.split(jax.random.key(context), 3)
-    q, k, v = (jax.random.normal(kk, (batch, context, n_head, hd), jnp.float32) for kk in keys)
+    q, k, v = (jax.random.normal(kk, (batch, context, n_head, hd), dtype) for kk in keys)
 
-    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        if window is None:
-            y = attention.dense_causal(q, k, v)
-        else:
-            y = attention.banded_causal(q, k, v, window=window)
-        return jnp.sum(y * y)
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        y = attention.causal(q, k, v, window=window, kernel=attention.Kernel(impl))
+        return jnp.sum(jnp.square(y.astype(jnp.float32))), y
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
     jax.block_until_ready(grad(q, k, v))
-    return lambda: grad(q, k, v)
+    return lambda: grad(q, k, v)[::-1]
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """Largest |a - b| over two pytrees of arrays (compared in float32)."""
+    return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def run_attention(d_model: int = 768, n_head: int = 12, batch: int = 1, window: int = 256,
                   contexts: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 5
                   ) -> dict[str, Any]:
-    """Dense vs banded attention fwd+bwd times (median over alternating repeats)."""
-    rows = []
+    """Dense vs banded attention fwd+bwd times (median over alternating repeats) for each
+    kernel this platform has (XLA, and splash on TPU or cuDNN on GPU, in bfloat16 there),
+    with each kernel's largest difference from XLA's output and gradients. On CPU only
+    XLA is timed; the splash kernel runs in Pallas interpret mode at the first context to
+    check it, and its time means nothing."""
+    platform = jax.default_backend()
+    impls = attention_impls(platform)
+    dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16
+    rows, checks = [], []
     for t in contexts:
-        dense, banded = (attention_layer_step(d_model, n_head, batch, t, w)
-                         for w in (None, window))
-        td, tb = [], []
-        for _ in range(repeats):  # interleaved so load changes hit both alike; each timed
-            for fn, ts in ((dense, td), (banded, tb)):  # call follows an untimed one of its
-                jax.block_until_ready(fn())  # own, so it never pays for the other's
-                ts.append(timed(fn))  # freed gigabytes (page faults, cold caches)
-        rows.append({"context": t, "dense_s": summary(td), "banded_s": summary(tb),
-                     "speedup": statistics.median(td) / statistics.median(tb)})
-    return {"d_model": d_model, "n_head": n_head, "batch": batch, "window": window,
-            "rows": rows, "load_average": _load_average()}
+        steps = {(impl, w): attention_layer_step(d_model, n_head, batch, t, w, impl, dtype)
+                 for impl in impls for w in (None, window)}
+        times: dict[tuple[str, int | None], list[float]] = {key: [] for key in steps}
+        for _ in range(repeats):  # interleaved so load changes hit all alike; each timed
+            for key, fn in steps.items():  # call follows an untimed one of its own, so it
+                jax.block_until_ready(fn())  # never pays for another's freed gigabytes
+                times[key].append(timed(fn))  # (page faults, cold caches)
+        for impl in impls:
+            td, tb = times[impl, None], times[impl, window]
+            row = {"context": t, "impl": impl, "dense_s": summary(td), "banded_s": summary(tb),
+                   "speedup": statistics.median(td) / statistics.median(tb)}
+            if impl != "xla":
+                row["max_abs_diff_vs_xla"] = max(
+                    max_abs_diff(steps[impl, w](), steps["xla", w]()) for w in (None, window))
+            rows.append(row)
+        if platform == "cpu" and t == contexts[0]:  # splash: correctness only
+            checks.append({"context": t, "impl": "splash (interpret mode)", "max_abs_diff_vs_xla":
+                           max(max_abs_diff(
+                               attention_layer_step(d_model, n_head, batch, t, w, "splash")(),
+                               steps["xla", w]()) for w in (None, window))})
+    return {"platform": platform, "device": jax.devices()[0].device_kind,
+            "dtype": jnp.dtype(dtype).name, "d_model": d_model, "n_head": n_head,
+            "batch": batch, "window": window, "rows": rows, "checks": checks,
+            "load_average": _load_average()}
 
 
 def _load_average() -> list[float] | None:
@@ -306,12 +338,20 @@ def format_train(r: dict[str, Any]) -> str:
 
 def format_attention(r: dict[str, Any]) -> str:
     """The attention figures as a table."""
-    lines = [f"one attention op fwd+bwd: d_model {r['d_model']}, {r['n_head']} heads, "
-             f"batch {r['batch']}, window {r['window']}, float32; load {r['load_average']}",
-             f"{'context':>8} {'dense ms':>10} {'banded ms':>10} {'speedup':>8}"]
+    lines = [f"one attention op fwd+bwd on {r['device']}: d_model {r['d_model']}, "
+             f"{r['n_head']} heads, batch {r['batch']}, window {r['window']}, {r['dtype']}; "
+             f"load {r['load_average']}",
+             f"{'context':>8} {'kernel':>7} {'dense ms':>10} {'banded ms':>10} {'speedup':>8}"
+             f" {'max |diff| vs xla':>18}"]
     for row in r["rows"]:
-        lines.append(f"{row['context']:>8} {row['dense_s']['median'] * 1e3:10.1f} "
-                     f"{row['banded_s']['median'] * 1e3:10.1f} {row['speedup']:7.2f}x")
+        diff = row.get("max_abs_diff_vs_xla")
+        lines.append(f"{row['context']:>8} {row['impl']:>7} "
+                     f"{row['dense_s']['median'] * 1e3:10.1f} "
+                     f"{row['banded_s']['median'] * 1e3:10.1f} {row['speedup']:7.2f}x "
+                     f"{'' if diff is None else f'{diff:18.2e}'}")
+    for c in r["checks"]:
+        lines.append(f"{c['impl']} at context {c['context']}: max |diff| vs xla "
+                     f"{c['max_abs_diff_vs_xla']:.2e} (output and gradients; not timed)")
     return "\n".join(lines)
 
 
@@ -323,7 +363,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Experiment config file.")
     flags.DEFINE_enum("mode", "train", ["train", "compile", "attention"],
                       "train: time the train step; compile: memory/compile time only; "
-                      "attention: dense vs banded attention.")
+                      "attention: dense vs banded attention per kernel.")
     flags.DEFINE_integer("repeats", 5, "Timed repeats (median and spread over them).")
     flags.DEFINE_integer("steps", 10, "Train steps per repeat.")
     flags.DEFINE_boolean("sampler", True, "Also time the KV-cache sampler.")

@@ -38,3 +38,15 @@ def test_torch_reference_matches_gpt_jax():
     assert r["jax"]["step_s"] > 0 and r["torch_eager"]["step_s"] > 0
     assert r["ratio_jax_over_torch_eager"] == pytest.approx(
         r["torch_eager"]["step_s"] / r["jax"]["step_s"])
+
+
+def test_attention_bench_times_xla_and_checks_splash():
+    r = bench.run_attention(d_model=64, n_head=2, batch=1, window=64, contexts=(128,),
+                            repeats=1)
+    assert r["platform"] == "cpu" and [row["impl"] for row in r["rows"]] == ["xla"]
+    row = r["rows"][0]
+    assert row["dense_s"]["median"] > 0 and row["banded_s"]["median"] > 0
+    assert row["speedup"] == pytest.approx(row["dense_s"]["median"] / row["banded_s"]["median"])
+    [check] = r["checks"]  # splash in interpret mode: a correctness check, never a time
+    assert check["context"] == 128 and 0 <= check["max_abs_diff_vs_xla"] < 1e-4, check
+    assert "splash (interpret mode)" in bench.format_attention(r)
