@@ -2,12 +2,18 @@
 
     python -m gpt_jax.sample --workdir=runs/tiny --prompt="def " --temperature=0.8 \\
         --top_p=0.95 --num_samples=4 [--stream] [--prompt_file=prompts.txt]
+    python -m gpt_jax.sample --workdir=runs/gpt2 --prompt="Q: ...\\nA:" --num_beams=4 \\
+        --length_penalty=0.6
 
-Decoding: prompts are left-padded to a bucket of P slots (row b's real tokens start at
-slot pad_B[b], its first one at position 0), prefilled in one pass, then one token per
-step inside `jax.lax.while_loop`, all jitted with fixed shapes: the token buffer and the
-KV cache hold P + max_new_tokens slots, so nothing recompiles per prompt length. A row
-stops at `eot_id` (later slots are filled with it); the loop stops when every row has.
+Decoding: prompts are left-padded to a bucket of P <= context slots (row b's real tokens
+start at slot pad_B[b], its first one at position 0), prefilled in one pass, then one token
+per step inside `jax.lax.while_loop`, all jitted with fixed shapes: the token buffer holds
+P + max_new_tokens slots and the KV cache min(that, context), so nothing recompiles per
+prompt length. Any number of tokens can be generated: once the cache is full, every step
+re-prefills the last `context` slots (what nanoGPT's cropping `generate` computes); a
+prompt longer than the context keeps its last `context` tokens, with a notice on stderr.
+A row stops at `eot_id` (later slots are filled with it); the loop stops when every row
+has. Beam search (`beam_generate`) is Hugging Face's, on the same prefill and steps.
 
 Logit processors are pure functions, applied in HF transformers' order (PAPERS.md):
 repetition penalty, no-repeat n-gram, temperature, top-k, top-p; temperature 0 is greedy.
@@ -158,6 +164,67 @@ class DecodeState(NamedTuple):
     keys_B: Array  # per-row base PRNG keys
 
 
+class Forward(NamedTuple):
+    """The model's two decoding calls, shared by sampling and beam search.
+
+    prefill(params, tokens_BxT, pad_B) -> (logits of the last slot BxV, a fresh cache with
+    the T slots filled). next_logits(params, seq_BxS, pad_B, length, cache) -> (logits of
+    slot `length` BxV, cache): feeds slot length - 1 through the cache while it has room;
+    past `model.context` slots it re-prefills the last `context` slots instead (positions
+    0 .. context - 1), so the model sees what nanoGPT's cropping `generate` shows it.
+    """
+
+    prefill: Callable[..., tuple[Array, Any]]
+    next_logits: Callable[..., tuple[Array, Any]]
+    cache_slots: int
+
+
+def make_forward(model_cfg: ml_collections.ConfigDict, total_slots: int) -> Forward:
+    """Prefill and one-token steps for sequences of up to `total_slots` slots; the cache
+    holds min(total_slots, model.context) of them."""
+    net, context = model_lib.GPT(model_cfg), model_cfg.context
+    slots = min(total_slots, context)
+
+    def prefill(params: Any, tokens_BxT: Array, pad_B: Array) -> tuple[Array, Any]:
+        step = attention.DecodeStep(jnp.zeros((), jnp.int32), pad_B)
+        logits_BxTxV, out = net.apply(
+            {"params": params, "cache": model_lib.init_cache(model_cfg, tokens_BxT.shape[0],
+                                                             slots)},
+            tokens_BxT, decode_step=step, mutable=["cache"])
+        return logits_BxTxV[:, -1], out["cache"]
+
+    def cached(params: Any, seq_BxS: Array, pad_B: Array, length: Array, cache: Any
+               ) -> tuple[Array, Any]:
+        last = length - 1
+        tok_Bx1 = jax.lax.dynamic_slice_in_dim(seq_BxS, last, 1, axis=1)
+        logits_Bx1xV, out = net.apply(
+            {"params": params, "cache": cache}, tok_Bx1,
+            decode_step=attention.DecodeStep(last, pad_B), mutable=["cache"])
+        return logits_Bx1xV[:, 0], out["cache"]
+
+    def window(params: Any, seq_BxS: Array, pad_B: Array, length: Array, cache: Any
+               ) -> tuple[Array, Any]:
+        del cache
+        first = length - context
+        tokens_BxC = jax.lax.dynamic_slice_in_dim(seq_BxS, first, context, axis=1)
+        return prefill(params, tokens_BxC, jnp.maximum(pad_B - first, 0))
+
+    def next_logits(params: Any, seq_BxS: Array, pad_B: Array, length: Array, cache: Any
+                    ) -> tuple[Array, Any]:
+        if total_slots <= context:  # never slides
+            return cached(params, seq_BxS, pad_B, length, cache)
+        return jax.lax.cond(length - 1 < slots, cached, window, params, seq_BxS, pad_B,
+                            length, cache)
+
+    return Forward(prefill, next_logits, slots)
+
+
+def _mask_vocab(logits_BxV: Array, vocab: int | None) -> Array:
+    if vocab is None or vocab >= logits_BxV.shape[-1]:
+        return logits_BxV
+    return jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab, logits_BxV, -jnp.inf)
+
+
 class Decoder(NamedTuple):
     """Jitted functions for one (model, processors, P, max_new_tokens, eot) choice.
 
@@ -175,19 +242,19 @@ class Decoder(NamedTuple):
 
 def make_decoder(model_cfg: ml_collections.ConfigDict, cfg: SamplingConfig, prompt_len: int,
                  max_new_tokens: int, eot_id: int, vocab: int | None = None) -> Decoder:
-    """A KV-cache decoder for P = `prompt_len` prompt slots; needs P + max_new <= context.
-    Only ids < `vocab` (the tokenizer's; default all the model's) are ever chosen."""
+    """A KV-cache decoder for P = `prompt_len` <= context prompt slots and any number of new
+    tokens (the window slides past the context). Only ids < `vocab` (the tokenizer's;
+    default all the model's) are ever chosen."""
     p, n = prompt_len, max_new_tokens
-    if p < 1 or n < 1 or p + n > model_cfg.context:
-        raise ValueError(f"prompt slots {p} + max_new_tokens {n} must fit the context "
-                         f"({model_cfg.context}), each at least 1")
-    net = model_lib.GPT(model_cfg)
+    if not 1 <= p <= model_cfg.context or n < 1:
+        raise ValueError(f"prompt slots {p} must be in [1, context={model_cfg.context}] and "
+                         f"max_new_tokens {n} >= 1")
+    fwd = make_forward(model_cfg, p + n)
 
     def emit(state: DecodeState, logits_BxV: Array) -> DecodeState:
         """Chooses the token of slot `length` from the logits of slot `length - 1`."""
-        if vocab is not None and vocab < logits_BxV.shape[-1]:
-            logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab, logits_BxV, -jnp.inf)
-        logits_BxV = process_logits(logits_BxV, state.seq_BxS, state.pad_B, state.length, cfg)
+        logits_BxV = process_logits(_mask_vocab(logits_BxV, vocab), state.seq_BxS, state.pad_B,
+                                    state.length, cfg)
         keys_B = jax.vmap(jax.random.fold_in, (0, None))(state.keys_B, state.length - p)
         tok_B = jnp.where(state.done_B, eot_id, choose(logits_BxV, keys_B, cfg))
         seq_BxS = jax.lax.dynamic_update_slice(state.seq_BxS, tok_B[:, None], (0, state.length))
@@ -196,22 +263,16 @@ def make_decoder(model_cfg: ml_collections.ConfigDict, cfg: SamplingConfig, prom
 
     def start(params: Any, tokens_BxP: Array, pad_B: Array, keys_B: Array) -> DecodeState:
         b = tokens_BxP.shape[0]
-        step = attention.DecodeStep(jnp.zeros((), jnp.int32), pad_B)
-        logits_BxPxV, out = net.apply(
-            {"params": params, "cache": model_lib.init_cache(model_cfg, b, p + n)},
-            tokens_BxP, decode_step=step, mutable=["cache"])
+        logits_BxV, cache = fwd.prefill(params, tokens_BxP, pad_B)
         seq_BxS = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(tokens_BxP)
         state = DecodeState(seq_BxS, pad_B, jnp.asarray(p, jnp.int32), jnp.zeros(b, bool),
-                            out["cache"], keys_B)
-        return emit(state, logits_BxPxV[:, -1])
+                            cache, keys_B)
+        return emit(state, logits_BxV)
 
     def step(params: Any, state: DecodeState) -> DecodeState:
-        last = state.length - 1
-        tok_Bx1 = jax.lax.dynamic_slice_in_dim(state.seq_BxS, last, 1, axis=1)
-        logits_Bx1xV, out = net.apply(
-            {"params": params, "cache": state.cache}, tok_Bx1,
-            decode_step=attention.DecodeStep(last, state.pad_B), mutable=["cache"])
-        return emit(state._replace(cache=out["cache"]), logits_Bx1xV[:, 0])
+        logits_BxV, cache = fwd.next_logits(params, state.seq_BxS, state.pad_B, state.length,
+                                            state.cache)
+        return emit(state._replace(cache=cache), logits_BxV)
 
     def advance(params: Any, state: DecodeState, until: Array | int) -> DecodeState:
         stop = p + jnp.minimum(until, n)
@@ -238,6 +299,150 @@ def _decoder(model_json: str, cfg: SamplingConfig, prompt_len: int, max_new_toke
     return make_decoder(model_cfg, cfg, prompt_len, max_new_tokens, eot_id, vocab)
 
 
+# ---------------------------------------------------------------- beam search
+# Hugging Face transformers' beam search (generation/utils.py `_beam_search`, v4.50+),
+# step for step: per row, the 2K best continuations of the K running beams by summed
+# log-probability; those of the top K that end in eot (or reach max length) become
+# hypotheses scored sum / generated_len ** length_penalty (eot counted), the best K
+# others keep running; the K best hypotheses are kept. `early_stopping`: True stops a row
+# once it has K hypotheses; False (HF's default) once the best running beam, scored at
+# its current length, cannot beat the worst hypothesis; "never" scores it at max length
+# (when length_penalty > 0), the canonical stopping rule.
+
+MAX_BEAMS = 64
+NEG = -1.0e9  # HF's "impossible" score
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamConfig:
+    """Beam search settings; GPT-3 evaluated free-form answers with 4 beams, penalty 0.6."""
+
+    num_beams: int = 4
+    length_penalty: float = 1.0  # HF's default; GPT-3 used 0.6
+    early_stopping: bool | str = False  # True, False or "never", as in HF
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_beams <= MAX_BEAMS:
+            raise ValueError(f"num_beams={self.num_beams} must be in [1, {MAX_BEAMS}]")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping={self.early_stopping!r} must be True, False or "
+                             "'never'")
+
+
+class BeamState(NamedTuple):
+    """Per row b and beam k: running sequences and scores; the K best hypotheses."""
+
+    seq_BKxS: Array  # running beams, row-major (b * K + k)
+    score_BxK: Array  # their summed log-probabilities
+    hyp_BxKxS: Array  # hypotheses, best first
+    hyp_score_BxK: Array  # length-penalised scores (NEG: empty slot)
+    hyp_len_BxK: Array  # generated tokens, eot included
+    hyp_done_BxK: Array  # the slot holds a hypothesis (HF's is_sent_finished)
+    open_B: Array  # a running beam may still beat a hypothesis (HF's heuristic)
+    all_hit: Array  # every candidate of the last step stopped: the loop ends
+    length: Array  # slots filled
+    logits_BKxV: Array  # next-token logits of every running beam
+    cache: Any
+    pad_BK: Array  # each running beam's prompt padding (its row's)
+
+
+def _cache_batch_axes(model_cfg: ml_collections.ConfigDict, slots: int) -> Any:
+    """Per cache leaf, its batch axis (0, or 1 when layers are scanned)."""
+    one, two = (jax.eval_shape(lambda b=b: model_lib.init_cache(model_cfg, b, slots))
+                for b in (1, 2))
+    return jax.tree.map(lambda a, b: next(i for i, (x, y) in enumerate(zip(a.shape, b.shape))
+                                          if x != y), one, two)
+
+
+def make_beam_search(model_cfg: ml_collections.ConfigDict, beam: BeamConfig, prompt_len: int,
+                     max_new_tokens: int, eot_id: int, vocab: int | None = None
+                     ) -> Callable[..., BeamState]:
+    """search(params, tokens_BxP, pad_B) -> final BeamState (jitted); the prefill and
+    one-token steps are the sampler's (`make_forward`), over B x K rows."""
+    p, n, k = prompt_len, max_new_tokens, beam.num_beams
+    if not 1 <= p <= model_cfg.context or n < 1:
+        raise ValueError(f"prompt slots {p} must be in [1, context={model_cfg.context}] and "
+                         f"max_new_tokens {n} >= 1")
+    if 2 * k > (vocab or model_cfg.vocab_size):
+        raise ValueError(f"num_beams={k} needs 2 * num_beams <= the vocabulary")
+    s, lp = p + n, beam.length_penalty
+    fwd = make_forward(model_cfg, s)
+    axes = _cache_batch_axes(model_cfg, fwd.cache_slots)
+    top_mask_2K = jnp.arange(2 * k) < k
+
+    def penalised(score: Array, gen_len: Array) -> Array:
+        return score / gen_len.astype(jnp.float32) ** lp
+
+    def step(params: Any, st: BeamState) -> BeamState:
+        b = st.score_BxK.shape[0]
+        logp_BKxV = _mask_vocab(jax.nn.log_softmax(st.logits_BKxV.astype(jnp.float32), -1), vocab)
+        v = logp_BKxV.shape[-1]
+        total_BxKV = (logp_BKxV.reshape(b, k, v) + st.score_BxK[:, :, None]).reshape(b, k * v)
+        cand_score_Bx2K, cand_idx_Bx2K = jax.lax.top_k(total_BxKV, 2 * k)
+        src_Bx2K, tok_Bx2K = cand_idx_Bx2K // v, cand_idx_Bx2K % v
+        seq_BxKxS = st.seq_BKxS.reshape(b, k, s)
+        cand_Bx2KxS = jnp.take_along_axis(seq_BxKxS, src_Bx2K[:, :, None], axis=1)
+        cand_Bx2KxS = jax.lax.dynamic_update_slice_in_dim(
+            cand_Bx2KxS, tok_Bx2K[:, :, None], st.length, axis=2)
+        hit_Bx2K = (tok_Bx2K == eot_id) | (st.length + 1 >= s)
+        # e. the K best continuations that did not stop keep running
+        run_Bx2K = cand_score_Bx2K + hit_Bx2K.astype(jnp.float32) * NEG
+        score_BxK, keep_BxK = jax.lax.top_k(run_Bx2K, k)
+        seq_BxKxS = jnp.take_along_axis(cand_Bx2KxS, keep_BxK[:, :, None], axis=1)
+        src_BxK = jnp.take_along_axis(src_Bx2K, keep_BxK, axis=1)
+        # f. stopped ones among the top K become hypotheses if they rank in the best K
+        new_Bx2K = hit_Bx2K & top_mask_2K[None, :]
+        gen_len = st.length + 1 - p
+        hyp_Bx2K = penalised(cand_score_Bx2K, gen_len)
+        full_B = jnp.all(st.hyp_done_BxK, axis=-1) & (beam.early_stopping is True)
+        hyp_Bx2K = hyp_Bx2K + full_B[:, None].astype(jnp.float32) * NEG
+        hyp_Bx2K = hyp_Bx2K + (~st.open_B)[:, None].astype(jnp.float32) * NEG
+        hyp_Bx2K = hyp_Bx2K + (~new_Bx2K).astype(jnp.float32) * NEG
+        merged_Bx3K = jnp.concatenate([st.hyp_score_BxK, hyp_Bx2K], axis=1)
+        hyp_score_BxK, pick_BxK = jax.lax.top_k(merged_Bx3K, k)
+
+        def pick(old: Array, new: Array) -> Array:
+            both = jnp.concatenate([old, new], axis=1)
+            idx = pick_BxK.reshape(pick_BxK.shape + (1,) * (both.ndim - 2))
+            return jnp.take_along_axis(both, idx, axis=1)
+
+        hyp_BxKxS = pick(st.hyp_BxKxS, cand_Bx2KxS)
+        hyp_len_BxK = pick(st.hyp_len_BxK, jnp.full((b, 2 * k), gen_len, jnp.int32))
+        hyp_done_BxK = pick(st.hyp_done_BxK, new_Bx2K)
+        # g. reorder the cache to the running beams' sources; HF's early-stop heuristic
+        rows_BK = (jnp.arange(b)[:, None] * k + src_BxK).reshape(-1)
+        cache = jax.tree.map(lambda x, ax: jnp.take(x, rows_BK, axis=ax), st.cache, axes)
+        length = st.length + 1
+        best_len = (s - p) if (beam.early_stopping == "never" and lp > 0) else length - p
+        best_B = penalised(score_BxK[:, 0], jnp.asarray(best_len))
+        worst_BxK = jnp.where(hyp_done_BxK, jnp.min(hyp_score_BxK, axis=1, keepdims=True), NEG)
+        open_B = st.open_B & jnp.any(best_B[:, None] > worst_BxK, axis=-1)
+        seq_BKxS = seq_BxKxS.reshape(b * k, s)
+        logits_BKxV, cache = fwd.next_logits(params, seq_BKxS, st.pad_BK, length, cache)
+        return BeamState(seq_BKxS, score_BxK, hyp_BxKxS, hyp_score_BxK, hyp_len_BxK,
+                         hyp_done_BxK, open_B, jnp.all(hit_Bx2K), length, logits_BKxV, cache,
+                         st.pad_BK)
+
+    def search(params: Any, tokens_BxP: Array, pad_B: Array) -> BeamState:
+        b = tokens_BxP.shape[0]
+        pad_BK = jnp.repeat(pad_B, k)
+        logits_BKxV, cache = fwd.prefill(params, jnp.repeat(tokens_BxP, k, axis=0), pad_BK)
+        seq_BKxS = jnp.zeros((b * k, s), jnp.int32).at[:, :p].set(jnp.repeat(tokens_BxP, k, 0))
+        score_BxK = jnp.where(jnp.arange(k) == 0, 0.0, NEG) * jnp.ones((b, 1), jnp.float32)
+        st = BeamState(seq_BKxS, score_BxK, seq_BKxS.reshape(b, k, s),
+                       jnp.full((b, k), NEG, jnp.float32), jnp.zeros((b, k), jnp.int32),
+                       jnp.zeros((b, k), bool), jnp.ones(b, bool), jnp.asarray(False),
+                       jnp.asarray(p, jnp.int32), logits_BKxV, cache, pad_BK)
+
+        def more(st: BeamState) -> Array:
+            exists_open = ~(jnp.all(st.hyp_done_BxK) & (beam.early_stopping is True))
+            return jnp.any(st.open_B) & exists_open & ~st.all_hit
+
+        return jax.lax.while_loop(more, lambda st: step(params, st), st)
+
+    return jax.jit(search)
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(tokens BxP, pad_B): each prompt's last `length` tokens, right-aligned in P slots."""
@@ -251,11 +456,17 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0
 
 
 def plan(prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int) -> tuple[int, int]:
-    """(prompt slots P, new tokens N): N <= context - 1, P the longest prompt rounded up to
-    BUCKET, cut to context - N (longer prompts keep their last P tokens)."""
-    n = max(1, min(max_new_tokens, context - 1))
+    """(prompt slots P, new tokens N = max_new_tokens): P is the longest prompt rounded up to
+    BUCKET, at most the context. A longer prompt keeps its last `context` tokens (all the
+    model can see) and a one-line notice goes to stderr."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    for i, ids in enumerate(prompts):
+        if len(ids) > context:
+            print(f"note: prompt {i} has {len(ids)} tokens; the model sees its last {context} "
+                  f"(model.context)", file=sys.stderr)
     longest = max(1, max(len(ids) for ids in prompts))
-    return min(-(-longest // BUCKET) * BUCKET, context - n), n
+    return min(-(-longest // BUCKET) * BUCKET, context), max_new_tokens
 
 
 def row_keys(seed: int, rows: int, first_row: int = 0) -> Array:
@@ -304,6 +515,33 @@ def generate(model_cfg: ml_collections.ConfigDict, params: Any,
                      p, eot_id)
 
 
+def beam_generate(model_cfg: ml_collections.ConfigDict, params: Any,
+                  prompts: Sequence[Sequence[int]], beam: BeamConfig, max_new_tokens: int,
+                  eot_id: int, vocab: int | None = None) -> list[list[int]]:
+    """Each prompt's best beam-search continuation (without the eot), in one jitted call;
+    `num_beams=1` is greedy decoding, as in Hugging Face."""
+    if beam.num_beams == 1:
+        return generate(model_cfg, params, prompts, SamplingConfig(temperature=0.0),
+                        max_new_tokens, eot_id, vocab=vocab)
+    prompts = [list(ids) or [eot_id] for ids in prompts]
+    p, n = plan(prompts, max_new_tokens, model_cfg.context)
+    search = _beam_search(model_cfg.to_json(), beam, p, n, eot_id, vocab)
+    tokens_BxP, pad_B = pad_prompts(prompts, p)
+    st = jax.device_get(search(params, tokens_BxP, pad_B))
+    out = []
+    for row, length in zip(st.hyp_BxKxS[:, 0], st.hyp_len_BxK[:, 0]):
+        ids = row[p:p + int(length)].tolist()
+        out.append(ids[:ids.index(eot_id)] if eot_id in ids else ids)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _beam_search(model_json: str, beam: BeamConfig, prompt_len: int, max_new_tokens: int,
+                 eot_id: int, vocab: int | None) -> Callable[..., BeamState]:
+    model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+    return make_beam_search(model_cfg, beam, prompt_len, max_new_tokens, eot_id, vocab)
+
+
 def sample_text(model_cfg: ml_collections.ConfigDict, params: Any, tokenizer: Any,
                 prompt: str, max_new_tokens: int, cfg: SamplingConfig, seed: int = 0) -> str:
     """Prompt + one sampled continuation (KV-cache decoding, stops at end of text)."""
@@ -340,13 +578,35 @@ def define_flags() -> None:
     flags.DEFINE_bool("save", False, "Also write the samples into the workdir's samples/.")
     flags.DEFINE_bool("stream", False, "Print tokens as they are produced (sample by sample).")
     flags.DEFINE_integer("stream_chunk", 4, "Tokens per jitted call when streaming.")
+    flags.DEFINE_integer("num_beams", 1, f"Beam search with this many beams (1-{MAX_BEAMS}; 1 = "
+                         "sampling as set above); the processors above do not apply to it.")
+    flags.DEFINE_float("length_penalty", 1.0, "Beam search: hypotheses score sum log p / "
+                       "length ** this (GPT-3: 0.6 with 4 beams).")
+    flags.DEFINE_enum("early_stopping", "false", ["false", "true", "never"],
+                      "Beam search stopping rule, as in Hugging Face.")
     flags.mark_flags_as_required(["workdir"])
+
+
+def beam_flags(f: Any) -> BeamConfig | None:
+    """The beam-search flags as a BeamConfig (None for sampling); bad values exit with one
+    line naming the flag."""
+    if f.max_new_tokens < 1:
+        raise SystemExit(f"--max_new_tokens={f.max_new_tokens} must be >= 1")
+    try:
+        beam = BeamConfig(f.num_beams, f.length_penalty,
+                          {"false": False, "true": True}.get(f.early_stopping, "never"))
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
+    if beam.num_beams > 1 and f.stream:
+        raise SystemExit("--stream does not apply to beam search (--num_beams > 1)")
+    return beam if beam.num_beams > 1 else None
 
 
 def main(argv: list[str]) -> None:
     from absl import flags, logging
     del argv
     f = flags.FLAGS
+    beam = beam_flags(f)  # bad values fail before anything is loaded
     if not f["verbosity"].present:  # orbax logs every file at INFO
         logging.set_verbosity("warning")
     from etils import epath
@@ -364,7 +624,10 @@ def main(argv: list[str]) -> None:
     rows = [(text, tok.encode(text)) for text in texts for _ in range(f.num_samples)]
     if not f.stream:
         outs = generate(cfg.model, params, [ids for _, ids in rows], sampling,
-                        f.max_new_tokens, tok.eot_id, f.seed, tok.vocab_size)
+                        f.max_new_tokens, tok.eot_id, f.seed, tok.vocab_size) \
+            if beam is None else beam_generate(cfg.model, params, [ids for _, ids in rows],
+                                               beam, f.max_new_tokens, tok.eot_id,
+                                               tok.vocab_size)
         shown = "".join(f"--- sample {i} ---\n{text}{tok.decode(new)}\n"
                         for i, ((text, _), new) in enumerate(zip(rows, outs)))
         print(shown, end="")
