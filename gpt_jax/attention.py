@@ -180,8 +180,15 @@ def causal(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, *, window: int 
            ) -> Array:
     """Causal self-attention (banded if `window`) on the kernel `choose` picks."""
     dropout = dropout_rate > 0.0 and dropout_rng is not None
-    impl = choose(kernel.implementation, platform=target_platform(), dtype=q_BxTxHxD.dtype,
+    platform = target_platform()
+    impl = choose(kernel.implementation, platform=platform, dtype=q_BxTxHxD.dtype,
                   head_dim=q_BxTxHxD.shape[-1], dropout=dropout)
+    if (impl == "splash" and platform == "tpu" and jax.sharding.get_abstract_mesh().empty
+            and jax.device_count() > 1):  # XLA cannot partition a Pallas call by itself
+        _warn_once("splash attention on several TPU chips needs the mesh bound "
+                   "(sharding.activation_sharding) around the jitted call: this one runs "
+                   "the XLA path")
+        impl = "xla"
     t = q_BxTxHxD.shape[1]
     band = window is not None and t > window  # else the band covers every causal pair
     if impl == "splash":

@@ -72,6 +72,16 @@ def test_kernel_that_cannot_run_is_a_config_error(impl, platform, dtype, head_di
         attention.choose(impl, platform=platform, dtype=dtype, head_dim=head_dim, dropout=False)
 
 
+def test_splash_without_a_mesh_on_several_chips_falls_back(monkeypatch):
+    # XLA cannot partition a Pallas call: jits that bind no mesh get the XLA path
+    monkeypatch.setattr(attention, "target_platform", lambda: "tpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 16, 2, 8)) for i in range(3))
+    with pytest.warns(RuntimeWarning, match="needs the mesh bound"):
+        got = attention.causal(q, k, v, window=None, kernel=attention.Kernel("splash"))
+    np.testing.assert_allclose(got, attention.dense_causal(q, k, v), atol=1e-6)
+
+
 def test_block_sizes_are_validated():
     cfg = tiny_config(splash_block_q=200)
     with pytest.raises(config.ConfigError, match="model.splash_block_q=200"):
