@@ -3,6 +3,11 @@
 `--config=experiments/gpt1.py`. Pretraining: Adam 2.5e-4, linear warmup over
 2,000 updates then cosine to 0, batch 64 x 512, 100 epochs of BooksCorpus
 (train.steps below is 100 epochs of the ~800M-token corpus at 32,768 tokens/step).
+
+The released weights instead: `python -m gpt_jax.convert --from_hf=<HF openai-gpt dir>
+--workdir=runs/gpt1` writes a workdir with this config, the checkpoint and GPT-1's BPE
+(`data.tokenizer='gpt1'`); fine-tune it with `gpt_jax.finetune --init_from=runs/gpt1`
+(docs/gpt1.md).
 """
 
 from gpt_jax.config import base_config

@@ -1,71 +1,121 @@
-"""Hugging Face GPT-2 checkpoints <-> gpt_jax workdirs.
+"""Hugging Face GPT-1 / GPT-2 checkpoints <-> gpt_jax workdirs.
 
     python -m gpt_jax.convert --from_hf=/path/to/gpt2 --workdir=runs/gpt2   # import
     python -m gpt_jax.convert --workdir=runs/gpt2 --to_hf=/out/gpt2         # export
 
-Import reads an HF GPT-2 directory (`config.json` plus `model.safetensors` or
-`pytorch_model.bin`, sharded variants with an `.index.json` too; any size or shape) and
-writes a workdir like the trainer's: `config.json` (experiments/gpt2.py defaults with the
-HF shape, LN eps and dropout), an orbax checkpoint at step 0 (params and a freshly
+Import reads an HF directory (`config.json` plus `model.safetensors` or
+`pytorch_model.bin`, sharded variants with an `.index.json` too; any size or shape) of
+`model_type` 'gpt2' (GPT2LMHeadModel) or 'openai-gpt' (OpenAIGPTLMHeadModel, GPT-1) and
+writes a workdir like the trainer's: `config.json` (experiments/gpt2.py or gpt1.py defaults
+with the HF shape, LN eps and dropout), an orbax checkpoint at step 0 (params and a freshly
 initialised optimizer state, so `gpt_jax.train` fine-tunes from it), and the tokenizer
-(`vocab.json`, `merges.txt`) with `data.tokenizer='gpt2'` pointing at the workdir.
+(`vocab.json`, `merges.txt`) with `data.tokenizer='gpt2'` / `'gpt1'` pointing at the workdir.
 
 Fine-tuning: `python -m gpt_jax.train --config=experiments/gpt2.py:small --workdir=runs/gpt2
 --config.data.tokenizer=gpt2 --config.data.tokenizer_path=runs/gpt2 ...` (with the model
 shape of a custom import overridden to match) resumes the step-0 checkpoint; its optimizer
 state was built from the imported config, so keep `optim.grad_clip` > 0 (or = 0) as there.
+GPT-1's discriminative fine-tuning: `gpt_jax.finetune --init_from=<the workdir>`.
 
-HF's Conv1D weights are [in, out], so they map onto our kernels by reshapes alone:
-c_attn [D, 3D] -> qkv [D, 3, H, K]; attn c_proj [D, D] -> proj [H, K, D]; c_fc [D, F];
-mlp c_proj [F, D]; the LM head is tied to wte. Export is the inverse, for pre-norm dense
-models only (GPT-1's post-norm and GPT-3's banded layers have no GPT-2 equivalent).
+The two layouts differ only in names, norm placement and config fields (`ARCHS`); the
+tensors are the same (`LAYER_TENSORS`). HF's Conv1D weights are [in, out], so they map onto
+our kernels by reshapes alone: c_attn [D, 3D] -> qkv [D, 3, H, K]; attn c_proj [D, D] ->
+proj [H, K, D]; c_fc [D, F]; mlp c_proj [F, D]; the LM head is tied to the token embedding.
+GPT-2 is pre-norm with a final `ln_f`; GPT-1 (Radford et al. 2018) is post-norm
+(x = LN(x + sublayer(x))) with no final LayerNorm and F = 4D. Export is the inverse, for
+dense models (GPT-3's banded layers have neither equivalent): pre-norm ones as GPT-2,
+post-norm ones as GPT-1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
 from gpt_jax import model as model_lib
 from gpt_jax import optim, sharding
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.workdir import Workdir, WorkdirError, atomic_write_bytes, open_run
 
 HF_PREFIX = "transformer."
 TOKENIZER_FILES = (tokenizer_lib.GPT2_VOCAB_FILE, tokenizer_lib.GPT2_MERGES_FILE)
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
-GPT2_EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "experiments", "gpt2.py")
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 
 
 class ConversionError(ValueError):
-    """The checkpoint or config cannot be mapped between GPT-2 and gpt_jax; says why."""
+    """The checkpoint or config cannot be mapped between HF and gpt_jax; says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HFArch:
+    """What one HF model type calls things; everything else is shared."""
+
+    model_type: str  # config.json's model_type
+    architecture: str  # the LM-head class transformers loads an export as
+    norm: str  # gpt_jax model.norm
+    wte: str  # token embedding tensor (without 'transformer.')
+    wpe: str  # position embedding tensor
+    ln_f: str | None  # final LayerNorm (None: GPT-1 has none)
+    act_key: str  # config.json's activation field
+    act_values: tuple[str, ...]  # its values that mean the tanh GELU (first: what export writes)
+    d_ff_key: str | None  # config.json's MLP width field (None: fixed at 4 * n_embd)
+    fixed: tuple[tuple[str, Any], ...]  # config.json fields that must hold these values
+    tokenizer: str  # data.tokenizer of the BPE in vocab.json + merges.txt
+    experiment: str  # experiments/ file whose defaults an import starts from
+
+
+ARCHS = {
+    "gpt2": HFArch(
+        "gpt2", "GPT2LMHeadModel", "pre", "wte", "wpe", "ln_f", "activation_function",
+        TANH_GELUS, "n_inner",
+        (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+         ("add_cross_attention", False), ("tie_word_embeddings", True)),
+        "gpt2", "gpt2.py"),
+    # HF's ACT_FNS["gelu"] for openai-gpt is gelu_new, the tanh GELU of the original code.
+    "openai-gpt": HFArch(
+        "openai-gpt", "OpenAIGPTLMHeadModel", "post", "tokens_embed", "positions_embed", None,
+        "afn", ("gelu",), None, (("tie_word_embeddings", True),), "gpt1", "gpt1.py"),
+}
 
 
 # ---------------------------------------------------------------- configs
 
 def read_hf_config(hf_dir: str) -> dict:
+    """config.json of an HF GPT-1/GPT-2 directory, checked against what gpt_jax can express
+    (one ConversionError line naming the file and every offending field)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: is {hf_dir!r} a Hugging Face model dir?")
     with open(path) as f:
         hf = json.load(f)
-    problems = []
-    if hf.get("model_type", "gpt2") != "gpt2":
-        problems.append(f"model_type={hf['model_type']!r} (only 'gpt2')")
-    if hf.get("activation_function", "gelu_new") not in TANH_GELUS:
-        problems.append(f"activation_function={hf['activation_function']!r} "
-                        f"(gpt_jax uses the tanh GELU: {list(TANH_GELUS)})")
-    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                    ("add_cross_attention", False), ("tie_word_embeddings", True)):
+    model_type = hf.setdefault("model_type", "gpt2")
+    if model_type not in ARCHS:
+        raise ConversionError(f"{path}: cannot import model_type={model_type!r} (only "
+                              f"{sorted(ARCHS)})")
+    arch = ARCHS[model_type]
+    problems = [f"{key} missing" for key in SHAPE_FIELDS if key not in hf]
+    problems += [f"{key}={hf[key]!r} (needs a positive integer)" for key in SHAPE_FIELDS
+                 if key in hf and not (isinstance(hf[key], int) and hf[key] > 0)]
+    if not problems and hf["n_embd"] % hf["n_head"]:
+        problems.append(f"n_embd={hf['n_embd']} is not divisible by n_head={hf['n_head']}")
+    act = hf.get(arch.act_key, arch.act_values[0])
+    if act not in arch.act_values:
+        problems.append(f"{arch.act_key}={act!r} (gpt_jax uses the tanh GELU: "
+                        f"{list(arch.act_values)})")
+    for key, ok in arch.fixed:
         if hf.get(key, ok) != ok:
             problems.append(f"{key}={hf[key]!r} (needs {ok})")
     if problems:
@@ -73,67 +123,78 @@ def read_hf_config(hf_dir: str) -> dict:
     return hf
 
 
-def _gpt2_defaults(hf: dict) -> ml_collections.ConfigDict:
-    """experiments/gpt2.py's config for the size with HF's shape (small's if none matches)."""
-    if not os.path.isfile(GPT2_EXPERIMENT):  # installed without the repo's experiments/
+def _experiment_defaults(arch: HFArch, hf: dict) -> ml_collections.ConfigDict:
+    """The arch's experiment config (for GPT-2 the size with HF's shape, else small's)."""
+    path = os.path.join(EXPERIMENTS, arch.experiment)
+    if not os.path.isfile(path):  # installed without the repo's experiments/
         return config_lib.base_config()
-    spec = importlib.util.spec_from_file_location("gpt2_experiment", GPT2_EXPERIMENT)
+    spec = importlib.util.spec_from_file_location(f"{arch.tokenizer}_experiment", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    sizes = getattr(module, "SIZES", None)
+    if sizes is None:
+        return module.get_config()
     shape = (hf["n_layer"], hf["n_embd"], hf["n_head"])
-    size = next((name for name, s in module.SIZES.items() if s[:3] == shape), "small")
-    return module.get_config(size)
+    return module.get_config(next((name for name, s in sizes.items() if s[:3] == shape),
+                                  "small"))
 
 
 def config_from_hf(hf: dict, workdir: str, scan_layers: bool = False,
                    has_tokenizer: bool = True) -> ml_collections.ConfigDict:
-    """A full gpt_jax config: GPT-2 experiment defaults with the HF model's shape."""
-    cfg = _gpt2_defaults(hf)
+    """A full gpt_jax config: the arch's experiment defaults with the HF model's shape."""
+    arch = ARCHS[hf.get("model_type", "gpt2")]
+    cfg = _experiment_defaults(arch, hf)
     m = cfg.model
+    released = (m.vocab_size, m.context, m.n_layer, m.d_model, m.n_head)
     m.vocab_size, m.context = int(hf["vocab_size"]), int(hf["n_positions"])
     m.n_layer, m.n_head, m.d_model = int(hf["n_layer"]), int(hf["n_head"]), int(hf["n_embd"])
-    m.d_ff = int(hf.get("n_inner") or 4 * m.d_model)
+    m.d_ff = int((arch.d_ff_key and hf.get(arch.d_ff_key)) or 4 * m.d_model)
     m.ln_eps = float(hf.get("layer_norm_epsilon", 1e-5))
     m.init_std = float(hf.get("initializer_range", 0.02))
     m.embd_pdrop = float(hf.get("embd_pdrop", 0.1))
     m.resid_pdrop = float(hf.get("resid_pdrop", 0.1))
     m.attn_pdrop = float(hf.get("attn_pdrop", 0.1))
-    m.norm, m.attention_pattern, m.scan_layers = "pre", "dense", scan_layers
-    standard = m.vocab_size == 50257 and m.context == 1024
-    if not (standard and cfg.name.startswith("gpt2-")):
-        cfg.name = f"gpt2-hf-{m.n_layer}x{m.d_model}"
+    m.norm, m.attention_pattern, m.scan_layers = arch.norm, "dense", scan_layers
+    if released != (m.vocab_size, m.context, m.n_layer, m.d_model, m.n_head):
+        cfg.name = f"{arch.tokenizer}-hf-{m.n_layer}x{m.d_model}"
     if has_tokenizer:
-        cfg.data.tokenizer, cfg.data.tokenizer_path = "gpt2", os.path.abspath(workdir)
+        cfg.data.tokenizer, cfg.data.tokenizer_path = arch.tokenizer, str(Workdir(workdir))
     return config_lib.validate(cfg)
 
 
-def check_gpt2_compatible(model_cfg: ml_collections.ConfigDict) -> None:
-    """Raises ConversionError unless the model is a GPT-2 (pre-norm, dense attention)."""
-    if model_cfg.norm != "pre":
-        raise ConversionError(
-            f"model.norm={model_cfg.norm!r}: only pre-norm models map to GPT-2 (GPT-1's "
-            "post-norm blocks and missing final LayerNorm are not GPT-2)")
+def arch_of(model_cfg: ml_collections.ConfigDict) -> HFArch:
+    """The HF layout of a gpt_jax model (pre-norm: GPT-2, post-norm: GPT-1), or
+    ConversionError naming the field that has none."""
     if model_cfg.attention_pattern != "dense":
         raise ConversionError(
             f"model.attention_pattern={model_cfg.attention_pattern!r}: only dense attention "
-            "maps to GPT-2 (GPT-3's locally banded layers are not GPT-2)")
+            "maps to GPT-1/GPT-2 (GPT-3's locally banded layers have no HF equivalent here)")
+    arch = next(a for a in ARCHS.values() if a.norm == model_cfg.norm)
+    if arch.d_ff_key is None and model_cfg.d_ff != 4 * model_cfg.d_model:
+        raise ConversionError(
+            f"model.d_ff={model_cfg.d_ff}: a post-norm model exports as GPT-1 "
+            f"({arch.architecture}), whose MLP width is 4 * d_model = {4 * model_cfg.d_model}")
+    return arch
 
 
 def hf_config(cfg: ml_collections.ConfigDict, eot_id: int | None) -> dict:
-    """The HF GPT2Config dict of a gpt_jax config."""
+    """The HF config.json dict (GPT2Config or OpenAIGPTConfig) of a gpt_jax config."""
     m = cfg.model
-    eos = eot_id if eot_id is not None and eot_id < m.vocab_size else None
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": m.vocab_size, "n_positions": m.context, "n_ctx": m.context,
-        "n_embd": m.d_model, "n_layer": m.n_layer, "n_head": m.n_head, "n_inner": m.d_ff,
-        "activation_function": "gelu_new", "layer_norm_epsilon": m.ln_eps,
-        "initializer_range": m.init_std, "resid_pdrop": m.resid_pdrop,
-        "embd_pdrop": m.embd_pdrop, "attn_pdrop": m.attn_pdrop,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
-        "bos_token_id": eos, "eos_token_id": eos, "torch_dtype": "float32",
-    }
+    arch = arch_of(m)
+    out = {
+        "architectures": [arch.architecture], "model_type": arch.model_type,
+        "vocab_size": m.vocab_size, "n_positions": m.context, "n_embd": m.d_model,
+        "n_layer": m.n_layer, "n_head": m.n_head, arch.act_key: arch.act_values[0],
+        "layer_norm_epsilon": m.ln_eps, "initializer_range": m.init_std,
+        "resid_pdrop": m.resid_pdrop, "embd_pdrop": m.embd_pdrop, "attn_pdrop": m.attn_pdrop,
+        "torch_dtype": "float32", **dict(arch.fixed)}
+    if arch.d_ff_key:
+        out[arch.d_ff_key] = m.d_ff
+    if arch.model_type == "gpt2":  # GPT-1 has no end-of-text token to name
+        eos = eot_id if eot_id is not None and eot_id < m.vocab_size else None
+        out.update({"n_ctx": m.context, "reorder_and_upcast_attn": False, "use_cache": True,
+                    "bos_token_id": eos, "eos_token_id": eos})
+    return out
 
 
 # ---------------------------------------------------------------- weights
@@ -174,89 +235,147 @@ def load_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
         name = name.removeprefix(HF_PREFIX)
         if name.endswith((".attn.bias", ".attn.masked_bias")) and value.ndim != 1:
             continue  # causal-mask buffers of old checkpoints
+        if name == "position_ids":
+            continue  # GPT-1's position index buffer (saved by old transformers)
         out[name] = np.asarray(value, np.float32)
     head = out.pop("lm_head.weight", None)
-    if head is not None and not np.array_equal(head, out["wte.weight"]):
-        raise ConversionError("lm_head.weight differs from wte.weight: gpt_jax ties them")
+    embed = next((a.wte + ".weight" for a in ARCHS.values() if a.wte + ".weight" in out), None)
+    if head is not None and (embed is None or not np.array_equal(head, out[embed])):
+        raise ConversionError(f"{', '.join(files)}: lm_head.weight differs from the token "
+                              f"embedding {embed}: gpt_jax ties them")
     return out
 
 
-def params_from_hf(w: dict[str, np.ndarray], model_cfg: ml_collections.ConfigDict) -> dict:
-    """The gpt_jax param tree (numpy float32) of HF GPT-2 weights, checked against the
-    model's shapes; stacked when `model_cfg.scan_layers`."""
-    d, h = model_cfg.d_model, model_cfg.n_head
-    k = d // h
+# One transformer layer: HF name under h.N, gpt_jax path under h_N, HF shape, gpt_jax shape
+# (dimension symbols are resolved by `_dims`).
+LAYER_TENSORS = (
+    ("ln_1.weight", ("ln_1", "scale"), "D", "D"),
+    ("ln_1.bias", ("ln_1", "bias"), "D", "D"),
+    ("ln_2.weight", ("ln_2", "scale"), "D", "D"),
+    ("ln_2.bias", ("ln_2", "bias"), "D", "D"),
+    ("attn.c_attn.weight", ("attn", "qkv", "kernel"), "D 3D", "D 3 H K"),
+    ("attn.c_attn.bias", ("attn", "qkv", "bias"), "3D", "3 H K"),
+    ("attn.c_proj.weight", ("attn", "proj", "kernel"), "D D", "H K D"),
+    ("attn.c_proj.bias", ("attn", "proj", "bias"), "D", "D"),
+    ("mlp.c_fc.weight", ("mlp", "fc", "kernel"), "D F", "D F"),
+    ("mlp.c_fc.bias", ("mlp", "fc", "bias"), "F", "F"),
+    ("mlp.c_proj.weight", ("mlp", "proj", "kernel"), "F D", "F D"),
+    ("mlp.c_proj.bias", ("mlp", "proj", "bias"), "D", "D"),
+)
 
-    def ln(prefix: str) -> dict:
-        return {"scale": w[f"{prefix}.weight"], "bias": w[f"{prefix}.bias"]}
 
-    params = {"wte": {"embedding": w["wte.weight"]}, "wpe": {"embedding": w["wpe.weight"]},
-              "ln_f": ln("ln_f")}
+def _dims(arch: HFArch, m: ml_collections.ConfigDict) -> dict[str, tuple[str, int]]:
+    """Dimension symbol -> (the config.json field it comes from, size)."""
+    d = m.d_model
+    return {"V": ("vocab_size", m.vocab_size), "T": ("n_positions", m.context),
+            "D": ("n_embd", d), "3D": ("3 * n_embd", 3 * d), "H": ("n_head", m.n_head),
+            "K": ("n_embd / n_head", d // m.n_head), "3": ("3", 3),
+            "F": (arch.d_ff_key or "4 * n_embd", m.d_ff)}
+
+
+def tensor_table(model_cfg: ml_collections.ConfigDict
+                 ) -> dict[str, tuple[tuple[str, ...], tuple[tuple[str, int], ...],
+                                      tuple[int, ...]]]:
+    """HF tensor name (without 'transformer.') -> (gpt_jax param path, HF dims as
+    (config.json field, size), gpt_jax shape) for the model's arch (`arch_of`)."""
+    arch = arch_of(model_cfg)
+    dims = _dims(arch, model_cfg)
+
+    def entry(path: tuple[str, ...], hf: str, ours: str) -> tuple:
+        return (path, tuple(dims[s] for s in hf.split()),
+                tuple(dims[s][1] for s in ours.split()))
+
+    table = {f"{arch.wte}.weight": entry(("wte", "embedding"), "V D", "V D"),
+             f"{arch.wpe}.weight": entry(("wpe", "embedding"), "T D", "T D")}
+    if arch.ln_f:
+        table[f"{arch.ln_f}.weight"] = entry(("ln_f", "scale"), "D", "D")
+        table[f"{arch.ln_f}.bias"] = entry(("ln_f", "bias"), "D", "D")
     for i in range(model_cfg.n_layer):
-        p = f"h.{i}"
-        params[f"h_{i}"] = {
-            "ln_1": ln(f"{p}.ln_1"), "ln_2": ln(f"{p}.ln_2"),
-            "attn": {
-                "qkv": {"kernel": w[f"{p}.attn.c_attn.weight"].reshape(d, 3, h, k),
-                        "bias": w[f"{p}.attn.c_attn.bias"].reshape(3, h, k)},
-                "proj": {"kernel": w[f"{p}.attn.c_proj.weight"].reshape(h, k, d),
-                         "bias": w[f"{p}.attn.c_proj.bias"]}},
-            "mlp": {"fc": {"kernel": w[f"{p}.mlp.c_fc.weight"], "bias": w[f"{p}.mlp.c_fc.bias"]},
-                    "proj": {"kernel": w[f"{p}.mlp.c_proj.weight"],
-                             "bias": w[f"{p}.mlp.c_proj.bias"]}}}
-    unused = set(w) - {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"} - {
-        n for n in w if n.split(".")[0] == "h" and int(n.split(".")[1]) < model_cfg.n_layer}
+        for name, path, hf, ours in LAYER_TENSORS:
+            table[f"h.{i}.{name}"] = entry((f"h_{i}", *path), hf, ours)
+    return table
+
+
+def params_from_hf(w: dict[str, np.ndarray], model_cfg: ml_collections.ConfigDict,
+                   source: str = "the checkpoint") -> dict:
+    """The gpt_jax param tree (numpy float32) of HF GPT-1/GPT-2 weights (`load_hf_weights`),
+    checked against config.json's sizes; stacked when `model_cfg.scan_layers`. `source`
+    (the weight files) names where a missing, extra or misshapen tensor came from."""
+    table = tensor_table(model_cfg)
+    layers = f"config.json has n_layer={model_cfg.n_layer}"
+    missing = [name for name in table if name not in w]
+    if missing:
+        raise ConversionError(f"{source}: no tensor {missing[0]} ({len(missing)} missing; "
+                              f"{layers}, {arch_of(model_cfg).architecture} layout)")
+    unused = sorted(set(w) - set(table))
     if unused:
-        raise ConversionError(f"unexpected tensors in the checkpoint: {sorted(unused)[:8]}")
+        raise ConversionError(f"{source}: unexpected tensors {unused[:4]} ({layers}; not part "
+                              f"of a {arch_of(model_cfg).architecture})")
+    params: dict = {}
+    for name, (path, hf_dims, shape) in table.items():
+        want = tuple(size for _, size in hf_dims)
+        if w[name].shape != want:
+            field, size = next((f, s) for (f, s), got in zip(hf_dims, w[name].shape)
+                               if got != s) if w[name].ndim == len(want) else hf_dims[0]
+            raise ConversionError(
+                f"{source}: {name} has shape {tuple(w[name].shape)}, but config.json's "
+                f"{field}={size} needs {want}")
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = w[name].reshape(shape)
     if model_cfg.scan_layers:
         params = jax.tree.map(np.asarray, model_lib.stack_layers(params, model_cfg))
     expected = model_lib.unbox(model_lib.abstract_params(model_cfg))
-    got_shapes = jax.tree.map(lambda x: x.shape, params)
-    want_shapes = jax.tree.map(lambda x: tuple(x.shape), expected)
-    if got_shapes != want_shapes:
-        raise ConversionError(f"checkpoint shapes {got_shapes} do not match the model's "
-                              f"{want_shapes}")
+    assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(
+        lambda x: tuple(x.shape), expected), "tensor_table disagrees with model.GPT"
     return params
 
 
 def hf_from_params(params: Any, model_cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """Inverse of `params_from_hf`: HF GPT2LMHeadModel tensor names -> float32 arrays."""
+    """Inverse of `params_from_hf`: HF LM-head-model tensor names -> float32 arrays."""
     p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     if model_cfg.scan_layers:
         p = jax.tree.map(np.asarray, model_lib.unstack_layers(p, model_cfg))
-    d = model_cfg.d_model
-    out = {"wte.weight": p["wte"]["embedding"], "wpe.weight": p["wpe"]["embedding"],
-           "ln_f.weight": p["ln_f"]["scale"], "ln_f.bias": p["ln_f"]["bias"]}
-    for i in range(model_cfg.n_layer):
-        b, n = p[f"h_{i}"], f"h.{i}"
-        out.update({
-            f"{n}.ln_1.weight": b["ln_1"]["scale"], f"{n}.ln_1.bias": b["ln_1"]["bias"],
-            f"{n}.ln_2.weight": b["ln_2"]["scale"], f"{n}.ln_2.bias": b["ln_2"]["bias"],
-            f"{n}.attn.c_attn.weight": b["attn"]["qkv"]["kernel"].reshape(d, 3 * d),
-            f"{n}.attn.c_attn.bias": b["attn"]["qkv"]["bias"].reshape(3 * d),
-            f"{n}.attn.c_proj.weight": b["attn"]["proj"]["kernel"].reshape(d, d),
-            f"{n}.attn.c_proj.bias": b["attn"]["proj"]["bias"],
-            f"{n}.mlp.c_fc.weight": b["mlp"]["fc"]["kernel"],
-            f"{n}.mlp.c_fc.bias": b["mlp"]["fc"]["bias"],
-            f"{n}.mlp.c_proj.weight": b["mlp"]["proj"]["kernel"],
-            f"{n}.mlp.c_proj.bias": b["mlp"]["proj"]["bias"]})
-    return {HF_PREFIX + k: np.ascontiguousarray(v) for k, v in out.items()}
+    out = {}
+    for name, (path, hf_dims, _) in tensor_table(model_cfg).items():
+        value = p
+        for key in path:
+            value = value[key]
+        out[HF_PREFIX + name] = np.ascontiguousarray(
+            value.reshape(tuple(size for _, size in hf_dims)))
+    return out
 
 
 # ---------------------------------------------------------------- import / export
 
+def check_tokenizer(hf_dir: str, cfg: ml_collections.ConfigDict) -> None:
+    """Reads the directory's vocab.json + merges.txt (malformed files fail here, naming the
+    file) and checks they are the model type's kind of BPE and fit the embedding table."""
+    tok = tokenizer_lib.load_tokenizer(os.path.join(hf_dir, tokenizer_lib.GPT2_VOCAB_FILE))
+    if tok.kind != cfg.data.tokenizer:
+        raise ConversionError(
+            f"{os.path.join(hf_dir, tokenizer_lib.GPT2_VOCAB_FILE)}: a {tok.kind} vocabulary, "
+            f"but config.json's model_type needs {cfg.data.tokenizer}'s")
+    tokenizer_lib.check_vocab(tok, cfg)
+
+
 def import_hf(hf_dir: str, workdir: str, scan_layers: bool = False) -> ml_collections.ConfigDict:
-    """Writes an HF GPT-2 directory as a gpt_jax workdir (config, step-0 checkpoint,
+    """Writes an HF GPT-1/GPT-2 directory as a gpt_jax workdir (config, step-0 checkpoint,
     tokenizer); returns the config."""
     hf = read_hf_config(hf_dir)
     has_tok = all(os.path.isfile(os.path.join(hf_dir, n)) for n in TOKENIZER_FILES)
     cfg = config_from_hf(hf, workdir, scan_layers, has_tok)
-    ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+    if has_tok:
+        check_tokenizer(hf_dir, cfg)
+    wd = Workdir(workdir)
+    ckpt = ckpt_lib.Checkpointer(wd, async_save=False)
     try:
         if ckpt.latest_step() is not None:
             raise FileExistsError(f"{ckpt.directory} already holds checkpoints; import into "
                                   "an empty workdir")
-        params_np = params_from_hf(load_hf_weights(hf_dir), cfg.model)
+        params_np = params_from_hf(load_hf_weights(hf_dir), cfg.model,
+                                   ", ".join(_weight_files(hf_dir)[1]))
         mesh = sharding.make_mesh(cfg)
         tx = optim.make_optimizer(cfg)
         boxed = model_lib.abstract_params(cfg.model)
@@ -264,10 +383,10 @@ def import_hf(hf_dir: str, workdir: str, scan_layers: bool = False) -> ml_collec
         opt_sh = sharding.tree_shardings(jax.eval_shape(tx.init, boxed), mesh, cfg)
         params = jax.device_put(params_np, param_sh)
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-        ckpt_lib.write_config(workdir, cfg)
+        wd.write_config(cfg)
         if has_tok and jax.process_index() == 0:
             for name in TOKENIZER_FILES:
-                shutil.copyfile(os.path.join(hf_dir, name), os.path.join(workdir, name))
+                wd.write_bytes(name, (epath.Path(hf_dir) / name).read_bytes())
         meta = {"step": 0, "data_step": 0, "seed": cfg.seed, "data_seed": cfg.data.seed,
                 "imported_from": os.path.abspath(hf_dir)}
         ckpt.save(0, params, opt_state, meta, force=True)
@@ -277,32 +396,28 @@ def import_hf(hf_dir: str, workdir: str, scan_layers: bool = False) -> ml_collec
 
 
 def export_hf(workdir: str, out_dir: str, step: int | None = None) -> dict:
-    """Writes a workdir's checkpoint as an HF GPT-2 directory (config.json,
-    model.safetensors, and vocab.json/merges.txt if the workdir has a GPT-2 tokenizer);
-    returns the HF config."""
-    from safetensors.numpy import save_file
+    """Writes a workdir's checkpoint as an HF GPT-2 (pre-norm) or GPT-1 (post-norm)
+    directory (config.json, model.safetensors, and vocab.json/merges.txt if the workdir has
+    that model's BPE); returns the HF config."""
+    from safetensors.numpy import save
 
-    cfg = ckpt_lib.read_config(workdir)
-    check_gpt2_compatible(cfg.model)
-    mesh = sharding.make_mesh(cfg)
-    boxed = model_lib.abstract_params(cfg.model)
-    abstract = ckpt_lib.abstract_with_shardings(model_lib.unbox(boxed),
-                                                sharding.tree_shardings(boxed, mesh, cfg))
-    params, _ = ckpt_lib.restore_params(workdir, abstract, step)
-    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    wd = Workdir(workdir)
+    arch = arch_of(wd.read_config().model)  # refuse what HF cannot express before restoring
+    run = open_run(wd, step=step)
+    cfg = run.cfg
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), run.params)
     try:
-        tok = tokenizer_lib.load_tokenizer(workdir)
-    except FileNotFoundError:
+        tok = run.tokenizer
+    except WorkdirError:
         tok = None
     hf = hf_config(cfg, None if tok is None else tok.eot_id)
     if jax.process_index() != 0:
         return hf
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(hf_from_params(params, cfg.model), os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-    if isinstance(tok, tokenizer_lib.GPT2Tokenizer):
+    out = epath.Path(out_dir)  # local or gs://, like the workdir
+    atomic_write_bytes(out / "model.safetensors",
+                       save(hf_from_params(params, cfg.model), metadata={"format": "pt"}))
+    atomic_write_bytes(out / "config.json", json.dumps(hf, indent=2, sort_keys=True).encode())
+    if tok is not None and tok.kind == arch.tokenizer:
         tok.save(out_dir)
     return hf
 
@@ -313,7 +428,8 @@ def define_flags() -> None:
     """CLI flags, defined only when run as a program so importing this module is free."""
     from absl import flags
     flags.DEFINE_string("workdir", None, "gpt_jax workdir (written by import, read by export).")
-    flags.DEFINE_string("from_hf", None, "Import: a Hugging Face GPT-2 directory.")
+    flags.DEFINE_string("from_hf", None, "Import: a Hugging Face GPT-2 or openai-gpt "
+                        "(GPT-1) directory.")
     flags.DEFINE_string("to_hf", None, "Export: the Hugging Face directory to write.")
     flags.DEFINE_integer("step", None, "Export: checkpoint step (default: the latest).")
     flags.DEFINE_bool("scan_layers", False, "Import: store layers stacked (model.scan_layers).")
@@ -332,7 +448,7 @@ def main(argv: list[str]) -> None:
         cfg = import_hf(f.from_hf, f.workdir, f.scan_layers)
         n = model_lib.count_params(model_lib.abstract_params(cfg.model))
         print(f"imported {f.from_hf} -> {f.workdir}: {cfg.name}, {n:,} params")
-        if cfg.data.tokenizer != "gpt2":
+        if cfg.data.tokenizer not in ("gpt1", "gpt2"):
             print(f"warning: no {' / '.join(TOKENIZER_FILES)} in {f.from_hf}; copy them into "
                   f"{f.workdir} before sampling or evaluating")
     else:
@@ -341,6 +457,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from gpt_jax import cli
     define_flags()
-    app.run(main)
+    cli.run(main, errors=(ConversionError,))
