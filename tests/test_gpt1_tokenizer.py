@@ -132,3 +132,12 @@ def test_from_config_and_bad_files(vocab_dir, tmp_path):
     (tmp_path / T.GPT2_VOCAB_FILE).write_text('["not", "a", "dict"]')
     with pytest.raises(ValueError, match="vocab.json: not a JSON object"):
         T.load_tokenizer(str(tmp_path))
+
+
+def test_ftfy_when_installed(tok):
+    pytest.importorskip("ftfy", reason="ftfy not installed: GPT1Tokenizer skips fix_text")
+    fixed = T.GPT1Tokenizer(tok._vocab_bytes, tok._merges_bytes, use_ftfy=True)
+    assert fixed.normalize("cafÃ© â€œquotedâ€\x9d &amp; don’t ﬁne") == (
+        "cafe \"quoted\" & don't fine")
+    assert fixed.encode("cafÃ©") == fixed.encode("café") != T.GPT1Tokenizer(
+        tok._vocab_bytes, tok._merges_bytes, use_ftfy=False).encode("cafÃ©")
