@@ -22,17 +22,21 @@ left-truncated. Multiple choice reports accuracy by summed, per-token and per-by
 normalised log-likelihood and, with `answer_context`, by log P(choice | prompt) -
 log P(choice | answer_context). Completion (LAMBADA) reports exact match (the greedy
 continuation of len(target) tokens equals the target: the teacher-forced argmax test) and
-the target's perplexity.
+the target's perplexity. Generation (free-form answers, GPT-3's protocol) decodes the prompt
+with beam search (4 beams, length penalty 0.6 by default), cuts the answer at the first
+stop string and reports SQuAD's exact match and token F1 against the best of the answers.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import json
 import math
 import os
 import re
+import string
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -45,12 +49,13 @@ import optax
 
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
+from gpt_jax import sample as sample_lib
 from gpt_jax import sharding
 from gpt_jax.tokenizer import Tokenizer
 from gpt_jax.workdir import REPORTS_DIR, Workdir, atomic_write_bytes, open_run
 
 MIN_BUCKET = 16
-TASK_TYPES = ("multiple_choice", "completion")
+TASK_TYPES = ("multiple_choice", "completion", "generation")
 
 
 # ---------------------------------------------------------------- scoring
@@ -91,6 +96,7 @@ class Scorer:
                  mesh: jax.sharding.Mesh, eot_id: int, batch_size: int = 8,
                  vocab: int | None = None, progress: bool = True) -> None:
         self.model_cfg, self.params, self.mesh, self.eot_id = model_cfg, params, mesh, eot_id
+        self.vocab = vocab
         data = mesh.shape["data"]
         self.batch_size = -(-batch_size // data) * data  # rows split evenly over 'data'
         self.progress = progress and jax.process_index() == 0
@@ -204,11 +210,26 @@ class TaskSpec:
     answer_context: str | None = None  # multiple choice: unconditional normalisation
     max_examples: int = 0  # 0 = all
     tfds: dict | None = None  # {"name", "split", "train_split", "adapter", "data_dir"}
+    # generation: beam search (GPT-3: 4 beams, length penalty 0.6) for up to max_new_tokens,
+    # the answer cut at the first of `stop`
+    max_new_tokens: int = 32
+    num_beams: int = 4
+    length_penalty: float = 0.6
+    stop: list[str] = dataclasses.field(default_factory=lambda: ["\n"])
 
     def __post_init__(self) -> None:
         if self.type not in TASK_TYPES:
             raise ValueError(f"task {self.name!r}: type={self.type!r} is not one of "
                              f"{list(TASK_TYPES)}")
+        if not 1 <= self.num_beams <= sample_lib.MAX_BEAMS:
+            raise ValueError(f"task {self.name!r}: num_beams={self.num_beams} must be in "
+                             f"[1, {sample_lib.MAX_BEAMS}]")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens={self.max_new_tokens} "
+                             "must be >= 1")
+        if not (isinstance(self.stop, list) and all(isinstance(x, str) and x for x in self.stop)):
+            raise ValueError(f"task {self.name!r}: stop={self.stop!r} must be a list of "
+                             "non-empty strings")
         if not self.eval and not self.tfds:
             raise ValueError(f"task {self.name!r}: needs 'eval' (a JSONL file) or 'tfds'")
 
@@ -224,6 +245,11 @@ def check_example(example: dict, task_type: str, where: str) -> dict:
             raise ValueError(f"{where}: 'choices' must be a list of 2+ non-empty strings")
         if not (isinstance(label, int) and 0 <= label < len(choices)):
             raise ValueError(f"{where}: 'label' must be an index into 'choices'")
+    elif task_type == "generation":
+        answers = example.get("answers")
+        if not (isinstance(answers, list) and answers
+                and all(isinstance(a, str) and a.strip() for a in answers)):
+            raise ValueError(f"{where}: 'answers' must be a list of 1+ non-empty strings")
     elif not (isinstance(example.get("target"), str) and example["target"]):
         raise ValueError(f"{where}: 'target' must be a non-empty string")
     return example
@@ -258,8 +284,10 @@ def load_task(path: str, limit: int = 0) -> tuple[TaskSpec, list[dict], list[dic
 
 
 def gold(example: dict) -> str:
-    """The correct continuation: the labelled choice or the target."""
-    return example["choices"][example["label"]] if "choices" in example else example["target"]
+    """The correct continuation: the labelled choice, the first answer or the target."""
+    if "choices" in example:
+        return example["choices"][example["label"]]
+    return example["answers"][0] if "answers" in example else example["target"]
 
 
 def draw_demos(num_examples: int, index: int, train: list[dict] | None, evals: list[dict],
@@ -340,6 +368,57 @@ def completion_metrics(scores: list[list[Score]]) -> dict:
             "logprob": -nll / len(flat)}
 
 
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def f1_score(prediction: str, answer: str) -> float:
+    """SQuAD's token F1 between normalised strings (bag of words)."""
+    pred, gold_ = normalize_answer(prediction).split(), normalize_answer(answer).split()
+    if not pred or not gold_:
+        return float(pred == gold_)
+    common = sum((collections.Counter(pred) & collections.Counter(gold_)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold_)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_metrics(predictions: list[str], evals: list[dict]) -> dict:
+    """Exact match and F1 of each prediction against its best-matching answer, averaged."""
+    em = [max(float(normalize_answer(p) == normalize_answer(a)) for a in ex["answers"])
+          for p, ex in zip(predictions, evals)]
+    f1 = [max(f1_score(p, a) for a in ex["answers"]) for p, ex in zip(predictions, evals)]
+    return {"exact_match": float(np.mean(em)), "f1": float(np.mean(f1))}
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    ends = [i for i in (text.find(x) for x in stop) if i >= 0]
+    return text[:min(ends)] if ends else text
+
+
+def generate_answers(scorer: Scorer, tok: Tokenizer, spec: TaskSpec,
+                     prompts: list[list[int]]) -> list[str]:
+    """Beam-search continuations of `prompts` (batches of similar length, the last one
+    filled up so one shape compiles per length bucket), decoded and cut at a stop."""
+    beam = sample_lib.BeamConfig(spec.num_beams, spec.length_penalty)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    size = scorer.batch_size
+    for lo in _progress(list(range(0, len(order), size)), f"{spec.name} generate",
+                        scorer.progress):
+        rows = order[lo:lo + size]
+        batch = [prompts[i] for i in rows] + [prompts[rows[-1]]] * (size - len(rows))
+        new = sample_lib.beam_generate(scorer.model_cfg, scorer.params, batch, beam,
+                                       spec.max_new_tokens, tok.eot_id, scorer.vocab)
+        for i, ids in zip(rows, new):
+            out[i] = cut_at_stop(tok.decode(ids), spec.stop)
+    return out
+
+
 def evaluate_task(scorer: Scorer, tok: Tokenizer, spec: TaskSpec, evals: list[dict],
                   train: list[dict] | None, shots: Sequence[int], seed: int = 0) -> list[dict]:
     """One report per K in `shots`."""
@@ -352,13 +431,24 @@ def evaluate_task(scorer: Scorer, tok: Tokenizer, spec: TaskSpec, evals: list[di
                               f"{spec.name} uncond")
     reports = []
     for k in shots:
-        nested, used = choice_requests(tok, spec, evals, train, k, seed, context)
-        scores = _flat_scores(scorer, nested, f"{spec.name} {k}-shot")
+        extra: dict = {}
+        if spec.type == "generation":  # the answer must fit after the prompt
+            budget = max(context - spec.max_new_tokens, 1)
+            fitted = [make_prompt(tok, spec, ex, draw_demos(len(evals), i, train, evals, k,
+                                                            seed), budget)
+                      for i, ex in enumerate(evals)]
+            used = [n for _, n in fitted]
+            predictions = generate_answers(scorer, tok, spec, [ids for ids, _ in fitted])
+            metrics, primary = generation_metrics(predictions, evals), "f1"
+            extra = {"predictions": predictions}
+        else:
+            nested, used = choice_requests(tok, spec, evals, train, k, seed, context)
+            scores = _flat_scores(scorer, nested, f"{spec.name} {k}-shot")
         if spec.type == "multiple_choice":
             metrics, primary = multiple_choice_metrics(evals, scores, uncond), "acc_per_token"
             if uncond is not None:
                 primary = "acc_uncond"
-        else:
+        elif spec.type == "completion":
             metrics, primary = completion_metrics(scores), "acc"
         reports.append({
             "task": spec.name, "type": spec.type, "shots": k,
@@ -366,7 +456,11 @@ def evaluate_task(scorer: Scorer, tok: Tokenizer, spec: TaskSpec, evals: list[di
             "num_examples": len(evals), "primary": primary, "metrics": metrics,
             "config": {"separator": spec.separator, "answer_context": spec.answer_context,
                        "description": spec.description, "seed": seed, "context": context,
-                       "train_split": bool(train is not None or spec.tfds)}})
+                       "train_split": bool(train is not None or spec.tfds),
+                       **({"num_beams": spec.num_beams, "length_penalty": spec.length_penalty,
+                           "max_new_tokens": spec.max_new_tokens, "stop": spec.stop}
+                          if spec.type == "generation" else {})},
+            **extra})
     return reports
 
 

@@ -23,6 +23,7 @@ from gpt_jax.workdir import open_run
 STDLIB = sysconfig.get_paths()["stdlib"]
 TOY_MC = os.path.join(REPO, "experiments", "eval", "toy_mc.json")
 TOY_LAMBADA = os.path.join(REPO, "experiments", "eval", "toy_lambada.json")
+TOY_QA = os.path.join(REPO, "experiments", "eval", "toy_qa.json")
 
 
 # ---------------------------------------------------------------- pure functions
@@ -90,6 +91,30 @@ def test_metrics_by_hand():
     assert m == {"acc": 0.0, "acc_per_token": 1.0, "acc_per_byte": 1.0, "acc_uncond": 1.0}
     m = E.completion_metrics([[S(-1.0, 2, True)], [S(-3.0, 2, False)]])
     assert m["acc"] == 0.5 and np.isclose(m["perplexity"], np.exp(1.0))
+
+
+def test_answer_metrics_by_hand():
+    assert E.normalize_answer(" The  Eiffel-Tower!\n") == "eiffeltower"
+    assert E.normalize_answer("An apple, a day") == "apple day"
+    p, r = 1.0, 2 / 3  # "cat sat" vs "cat sat down"
+    assert E.f1_score("the cat sat", "a cat sat down") == pytest.approx(2 * p * r / (p + r))
+    assert E.f1_score("dog", "cat") == 0.0 and E.f1_score("the", "a") == 1.0  # both empty
+    evals = [{"answers": [" Paris", " Paris, France"]}, {"answers": [" eight", " 8"]}]
+    m = E.generation_metrics([" paris france", "8 legs"], evals)
+    assert m == {"exact_match": 0.5, "f1": pytest.approx((1.0 + 2 / 3) / 2)}
+    assert E.cut_at_stop(" Paris\nQ: next", ["\n", "Q:"]) == " Paris"
+    assert E.cut_at_stop(" Paris", ["\n"]) == " Paris"
+
+
+def test_generation_task_schema_errors(tmp_path):
+    spec, evals, _ = E.load_task(TOY_QA)
+    assert (spec.type, spec.num_beams, spec.length_penalty, spec.stop) == (
+        "generation", 4, 0.6, ["\n"])
+    assert evals[1]["answers"] == [" eight", " 8"]
+    with pytest.raises(ValueError, match=r"task 'q': num_beams=0 must be in \[1, 64\]"):
+        E.TaskSpec(name="q", type="generation", eval="x", num_beams=0)
+    with pytest.raises(ValueError, match="'answers' must be a list of 1\\+ non-empty strings"):
+        E.check_example({"context": "Q:", "answers": []}, "generation", "q eval example 0")
 
 
 def test_task_files_load_and_validate(tmp_path):
@@ -287,3 +312,34 @@ def test_cli_tasks_and_lm(gpt2_workdir, tmp_path):
     lm = report["results"][0]["metrics"]
     assert lm["num_docs"] == 2 and lm["bits_per_byte"] > 0 and lm["stride"] == 64
     assert "acc_uncond" in result.stdout and "bits_per_byte" in result.stdout
+
+
+def test_generation_task_matches_transformers_beam_search(gpt2_workdir):
+    """Batched, left-padded beam search (4 beams, penalty 0.6), one shot: every answer
+    equals transformers' generate on the same prompt, cut at the first newline."""
+    import torch
+    import transformers
+    hf, hf_dir, workdir = gpt2_workdir
+    ref_tok = transformers.GPT2Tokenizer(os.path.join(hf_dir, "vocab.json"),
+                                         os.path.join(hf_dir, "merges.txt"))
+    run = open_run(workdir)
+    tok = run.tokenizer
+    scorer = E.Scorer(run.cfg.model, run.params, run.mesh, tok.eot_id, batch_size=4,
+                      progress=False)
+    spec, evals, _ = E.load_task(TOY_QA)
+    evals = evals[:5]  # two batches, the second filled up
+    reports = E.evaluate_task(scorer, tok, spec, evals, None, shots=[1], seed=0)
+    for k, report in zip((1,), reports):
+        assert report["shots_used_mean"] == k and report["primary"] == "f1"
+        assert report["metrics"] == E.generation_metrics(report["predictions"], evals)
+        for i, ex in enumerate(evals):
+            demos = E.draw_demos(len(evals), i, None, evals, k, seed=0)
+            prompt = ref_tok.encode(spec.separator.join(
+                [d["context"] + E.gold(d) for d in demos] + [ex["context"]]))
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([prompt]), max_new_tokens=16, num_beams=4,
+                                  length_penalty=0.6, do_sample=False, pad_token_id=0,
+                                  eos_token_id=0,
+                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+            want = ref_tok.decode(out[0, len(prompt):].tolist()).split("<|endoftext|>")[0]
+            assert report["predictions"][i] == want.split("\n")[0]
