@@ -246,6 +246,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(cfg, "data.tokenizer", TOKENIZERS)
     if d.source == "text" and not d.text_glob:
         _fail("data.text_glob", d.text_glob, "must name files when data.source='text'")
+    if d.get("val_glob", "") and d.source != "text":
+        _fail("data.val_glob", d.val_glob, "applies only to data.source='text'")
     if d.source == "tfds" and not d.tfds_name:
         _fail("data.tfds_name", d.tfds_name, "must name a TFDS dataset when data.source='tfds'")
     if d.tokenizer in ("file", "gpt2", "gpt1") and not d.tokenizer_path:

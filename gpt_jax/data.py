@@ -9,9 +9,11 @@ Sources (`data.source`):
 - 'tfds': a TFDS text dataset (`data.tfds_*`); with `data.tfds_val_split=''` the validation
   documents are drawn from the training split by a hash of the document index.
 
-File sources are split into train/validation by a stable hash (sha1) of each file's path (the
-path relative to the stdlib for 'stdlib', the path as globbed for 'text') against
-`data.val_fraction`; both splits are guaranteed non-empty.
+File sources are split into train/validation by a stable hash (sha1) of each file's path
+relative to its root (the stdlib for 'stdlib'; for 'text' the glob's leading directories, so
+`text/*.txt` and `/abs/path/text/*.txt` split alike) against `data.val_fraction`; both splits
+are guaranteed non-empty. With `data.val_glob` the 'text' validation files are named instead
+(the hash split is off): they must match something and none may also match `text_glob`.
 
 Each split is tokenized once (in `data.num_workers` processes), every non-empty document
 followed by the end-of-text id, into `<data_dir>/tokens/<source>-<key>-<tokenizer>/` as
@@ -33,9 +35,11 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -136,13 +140,20 @@ def _files_digest(root: str, rel_paths: Sequence[str]) -> str:
 
 
 def file_source(description: dict[str, Any], root: str, rel_paths: Sequence[str],
-                val_fraction: float, seed: int) -> Source:
-    """A source of text files split by the hash of their relative path."""
+                val_fraction: float, seed: int, val_paths: Sequence[str] | None = None
+                ) -> Source:
+    """A source of text files split by the hash of their relative path, or with `val_paths`
+    (some of `rel_paths`) as the validation split."""
     paths = sorted(rel_paths)
-    splits = assign_splits(paths, val_fraction)
+    if val_paths is None:
+        splits = assign_splits(paths, val_fraction)
+    else:
+        named = set(val_paths)
+        splits = ["val" if p in named else "train" for p in paths]
     by_split = {s: [p for p, sp in zip(paths, splits) if sp == s] for s in SPLITS}
-    description = dict(description, files=len(paths), digest=_files_digest(root, paths),
-                       val_fraction=val_fraction)
+    description = dict(description, files=len(paths), digest=_files_digest(root, paths))
+    if val_paths is None:
+        description["val_fraction"] = val_fraction
 
     def docs_of(rels: Iterable[str]) -> Iterator[str]:
         for rel in rels:
@@ -166,13 +177,41 @@ def stdlib_source(val_fraction: float, seed: int) -> Source:
     return file_source(desc, root, stdlib_files(root), val_fraction, seed)
 
 
-def text_source(pattern: str, val_fraction: float, seed: int) -> Source:
-    """Local UTF-8 text files matched by `pattern` (a recursive glob)."""
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if len(paths) < 2:
-        raise ConfigError(f"data.text_glob={pattern!r} matches {len(paths)} files; at least 2 "
-                          "are needed for a training and a validation split")
-    return file_source({"source": "text", "glob": pattern}, "", paths, val_fraction, seed)
+def glob_root(pattern: str) -> str:
+    """The leading directories of `pattern` before any wildcard ('.' if none)."""
+    parts = pattern.split(os.sep)[:-1]
+    fixed = list(itertools.takewhile(lambda part: not re.search(r"[*?\[]", part), parts))
+    return os.sep.join(fixed) or (os.sep if pattern.startswith(os.sep) else ".")
+
+
+def _glob_files(pattern: str) -> list[str]:
+    return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+
+
+def text_source(pattern: str, val_fraction: float, seed: int, val_pattern: str = "") -> Source:
+    """Local UTF-8 text files matched by `pattern` (a recursive glob), split by the hash of
+    each path relative to the glob's root, or validated on the files of `val_pattern`."""
+    paths = _glob_files(pattern)
+    if not val_pattern:
+        if len(paths) < 2:
+            raise ConfigError(f"data.text_glob={pattern!r} matches {len(paths)} files; at least "
+                              "2 are needed for a training and a validation split")
+        root = glob_root(pattern)
+        rel = [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
+        return file_source({"source": "text", "glob": pattern}, root, rel, val_fraction, seed)
+    val = _glob_files(val_pattern)
+    if not val:
+        raise ConfigError(f"data.val_glob={val_pattern!r} matches no files")
+    both = sorted(set(map(os.path.abspath, paths)) & set(map(os.path.abspath, val)))
+    if both:
+        raise ConfigError(f"data.val_glob={val_pattern!r} and data.text_glob={pattern!r} both "
+                          f"match {len(both)} files (e.g. {both[0]}); validation files must "
+                          "not be trained on")
+    if not paths:
+        raise ConfigError(f"data.text_glob={pattern!r} matches no files")
+    train, val = [os.path.abspath(p) for p in paths], [os.path.abspath(p) for p in val]
+    return file_source({"source": "text", "glob": pattern, "val_glob": val_pattern}, "",
+                       train + val, val_fraction, seed, val_paths=val)
 
 
 def _feature(example: dict[str, Any], feature: str) -> str:
@@ -228,7 +267,7 @@ def make_source(cfg: ml_collections.ConfigDict) -> Source:
     if d.source == "stdlib":
         return stdlib_source(d.val_fraction, d.seed)
     if d.source == "text":
-        return text_source(d.text_glob, d.val_fraction, d.seed)
+        return text_source(d.text_glob, d.val_fraction, d.seed, d.get("val_glob", ""))
     if d.source == "tfds":
         return tfds_source(d)
     raise ConfigError(f"data.source={d.source!r} is not one of ['stdlib', 'text', 'tfds']")
