@@ -109,10 +109,7 @@ def test_sampling_past_the_context_slides_the_window(capsys):
     assert err == "note: prompt 1 has 20 tokens; the model sees its last 16 (model.context)\n"
 
 
-@pytest.mark.parametrize("flag,message", [
-    ("--num_beams=0", "--num_beams=0 must be in [1, 64]"),
-    ("--num_beams=2 --stream", "--stream does not apply to beam search (--num_beams > 1)")])
-def test_cli_bad_beam_flags_fail_in_one_line(tmp_path, flag, message):
-    res = run_python(["-m", "gpt_jax.sample", f"--workdir={tmp_path}", *flag.split()],
+def test_cli_bad_beam_flag_fails_in_one_line(tmp_path):
+    res = run_python(["-m", "gpt_jax.sample", f"--workdir={tmp_path}", "--num_beams=65"],
                      timeout=120)
-    assert res.returncode == 1 and res.stderr.strip() == message
+    assert res.returncode == 1 and res.stderr.strip() == "--num_beams=65 must be in [1, 64]"
