@@ -56,6 +56,12 @@ class Task:
     tokens_per_step: int = 0
     flops_per_token: float | None = None
     extra_meta: dict = field(default_factory=dict)
+    optimizer: Any = None  # an optax.GradientTransformation; default optim.make_optimizer(cfg)
+    # (trainer) -> step(state, step) -> (state, metrics with 'loss'): replaces `batch` and
+    # the jitted gradient step with one that may do more per step (PPO: rollouts, scoring,
+    # several updates); it must be a pure function of (state, step) for an exact resume.
+    # It runs under the activation-sharding context; other metrics it returns are logged.
+    make_step: Callable[[Trainer], Callable[[dict, int], tuple[dict, dict]]] | None = None
 
 
 @dataclass
@@ -70,17 +76,19 @@ class Trainer:
     abstract_opt_state: Any
     init_state: Callable
     train_step: Callable
+    tx: Any = None  # the optimizer
 
 
 def build_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                   loss_fn: steps.LossFn | None = None, boxed_params: Any = None,
-                  init_params: Callable[[jax.Array, Any], Any] | None = None) -> Trainer:
+                  init_params: Callable[[jax.Array, Any], Any] | None = None,
+                  tx: Any = None) -> Trainer:
     """Shardings from the logical-axis rules; jitted init and train step.
 
     The train step's batch may be any pytree of arrays with a leading
     microbatch axis; its batch dimension (axis 1) is sharded over `data`.
     """
-    tx = optim.make_optimizer(cfg)
+    tx = optim.make_optimizer(cfg) if tx is None else tx
     boxed_params = model_lib.abstract_params(cfg.model) if boxed_params is None else boxed_params
     boxed_opt = jax.eval_shape(tx.init, boxed_params)
     param_sh = sharding.tree_shardings(boxed_params, mesh, cfg)
@@ -110,7 +118,7 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     train_step = jax.jit(train_step, in_shardings=(state_sh, None, repl, repl),
                          out_shardings=(state_sh, repl), donate_argnums=(0,))
     return Trainer(cfg, mesh, param_sh, opt_sh, model_lib.unbox(boxed_params),
-                   model_lib.unbox(boxed_opt), init_state, train_step)
+                   model_lib.unbox(boxed_opt), init_state, train_step, tx)
 
 
 def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
@@ -198,7 +206,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
     Returns (last logged metrics, final params, whether the run was preempted).
     """
     workdir = Workdir(workdir)
-    trainer = build_trainer(cfg, mesh, task.loss_fn, task.boxed_params, task.init_params)
+    trainer = build_trainer(cfg, mesh, task.loss_fn, task.boxed_params, task.init_params,
+                            task.optimizer)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep)
     state, _ = restore_or_init(trainer, ckpt, workdir)
     workdir.write_config(cfg)  # only now: a run that cannot resume keeps its config.json
@@ -233,9 +242,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
         pending.clear()
         return values
 
+    custom_step = task.make_step(trainer) if task.make_step is not None else None
     for step in range(start, t.steps):
-        batch = global_batch(task.batch(step), mesh)
-        state, metrics = trainer.train_step(state, batch, rng, optim.microbatches_at(cfg, step))
+        if custom_step is None:
+            batch = global_batch(task.batch(step), mesh)
+            state, metrics = trainer.train_step(state, batch, rng,
+                                                optim.microbatches_at(cfg, step))
+        else:
+            with sharding.activation_sharding(mesh):
+                state, metrics = custom_step(state, step)
         pending.append((step + 1, metrics["loss"]))
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
@@ -249,6 +264,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
                      "step_time_s": step_time,
                      "mfu": None if peak is None or not task.flops_per_token else
                      tok_s * task.flops_per_token / (peak * jax.device_count())}
+            final.update({k: float(v) for k, v in metrics.items() if k != "loss"})
             writer.write(done, final)
             progress.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tok_s:,.0f}")
         if done % t.eval_every == 0 or done == t.steps:
