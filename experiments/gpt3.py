@@ -11,6 +11,9 @@ All four are tokens actually consumed, the ramp's small early steps included
 (`python -m gpt_jax.schedule --config=experiments/gpt3.py:175b` prints them).
 xl prints 24 heads of 128, which does not divide 2048; we use 16 x 128.
 13b prints d_model 5140, a typo for 5120 (Table D.1's 12,850M fits 5120).
+The paper states no dropout; we keep GPT-2's embedding and residual dropout (0.1) but
+not attention dropout, which the flash-attention kernels (splash on TPU, cuDNN on GPU)
+do not implement: with it, every layer would fall back to the XLA path.
 """
 
 from gpt_jax.config import base_config
@@ -38,6 +41,7 @@ def get_config(size: str = "small"):
     m.vocab_size, m.context = 50257, CONTEXT
     m.n_layer, m.n_head, m.d_model, m.d_ff = n_layer, n_head, d_model, 4 * d_model
     m.attention_pattern, m.window = "alternating", 256
+    m.attn_pdrop = 0.0  # not in the paper; the flash kernels (splash, cuDNN) have none
     m.dtype, m.scan_layers, m.remat = "bfloat16", True, "dots_with_no_batch_dims_saveable"
     o = cfg.optim
     o.schedule, o.peak_lr, o.final_lr_frac = "cosine", lr, 0.1

@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from gpt_jax import attention, loop, sharding
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import config as config_lib
-from gpt_jax import loop, sharding
 from gpt_jax import model as model_lib
 from gpt_jax.chips import Chip, Topology, parse_topology, topology_devices
 from gpt_jax.flops import flops_per_token
@@ -87,6 +87,7 @@ class Report:
     chip: Chip | None  # None: host CPU devices
     model_flops_total: float
     microbatches: int  # the trip count given to the microbatch loop, whose bound is traced
+    attention: str = "xla"  # the attention kernel the step runs (attention.choose)
     argument_bytes: int = 0
     output_bytes: int = 0
     alias_bytes: int = 0
@@ -168,8 +169,12 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topo: Topology,
     trainer = loop.build_trainer(cfg, mesh)
     n_params = model_lib.count_params(trainer.abstract_params)
     model_flops = flops_per_token(cfg.model, n_params) * cfg.train.batch_size * cfg.model.context
+    m = cfg.model
+    kernel = attention.choose(m.attention_impl, platform="cpu" if topo.chip is None else "tpu",
+                              dtype=model_lib.DTYPES[m.dtype], head_dim=m.d_model // m.n_head,
+                              dropout=m.attn_pdrop > 0)
     report = Report(cfg.name, topo.name, len(devices), dict(mesh.shape), n_params, topo.chip,
-                    model_flops, cfg.train.microbatches)
+                    model_flops, cfg.train.microbatches, kernel)
     tic = time.perf_counter()
     try:
         compiled = trainer.train_step.lower(*abstract_inputs(trainer)).compile()
@@ -229,8 +234,8 @@ def format_report(report: Report, cfg: ml_collections.ConfigDict) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in report.mesh.items())
     lines = [f"{report.name} ({report.params / 1e6:,.1f}M params) on {report.topology}: "
              f"{report.num_chips} chips, mesh {mesh}, fsdp={cfg.mesh.fsdp}, "
-             f"remat={cfg.model.remat}, microbatches={cfg.train.microbatches}; "
-             f"compiled in {report.compile_s:.0f} s"]
+             f"remat={cfg.model.remat}, microbatches={cfg.train.microbatches}, "
+             f"attention {report.attention}; compiled in {report.compile_s:.0f} s"]
     if report.error:
         lines.append(f"compiler ran out of memory: {report.error}")
     else:
@@ -292,6 +297,9 @@ TABLE: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 
 
+KERNELS = ("xla", "splash")  # model.attention_impl values each case is compiled with
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`path/to/file.py:arg` (relative to the repository) -> that file's get_config(arg)."""
     import importlib.util
@@ -327,29 +335,31 @@ def table_row(size: str, overrides: dict[str, Any], report: Report) -> str:
     fits = {True: "yes", False: "**no**", None: "n/a"}[report.fits]
     step, mfu = report.step_s, report.mfu_estimate
     return (f"| {size} | {report.params / 1e9:.2f}B | {report.topology} | {report.num_chips} | "
-            f"{settings} | {used} ({hbm}) | {fits} | "
+            f"{settings} | {report.attention} | {used} ({hbm}) | {fits} | "
             f"{_fmt(report.xla_flops_total and report.xla_flops_total / 1e12, ',.0f')} | "
             f"{report.model_flops_total / 1e12:,.0f} | {_fmt(report.mfu_ceiling, '.0%')} | "
             f"{f'{step[1]:.2f}-{step[0]:.2f}' if step else '-'} | {report.bound or '-'} | "
             f"{f'{mfu[0]:.0%}-{mfu[1]:.0%}' if mfu else '-'} |")
 
 
-def write_table(path: str, cases: tuple = TABLE) -> str:
-    """Compiles each case and writes the markdown table of what fits where."""
-    rows = ["| model | params | slice | chips | settings | GiB per chip (of HBM) | fits | "
-            "XLA TFLOP/step | model TFLOP/step | MFU ceiling | step estimate (s) | bound | "
-            "MFU estimate |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def write_table(path: str, cases: tuple = TABLE, kernels: tuple[str, ...] = KERNELS) -> str:
+    """Compiles each case with each attention kernel and writes the markdown table of
+    what fits where."""
+    rows = ["| model | params | slice | chips | settings | attention | GiB per chip (of HBM) | "
+            "fits | XLA TFLOP/step | model TFLOP/step | MFU ceiling | step estimate (s) | "
+            "bound | MFU estimate |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     text = ""
     for size, topo_name, overrides in cases:
-        cfg = apply_overrides(load_config(f"experiments/gpt3.py:{size}"), overrides)
-        topo = parse_topology(topo_name)
-        report = compile_train_step(cfg, topo)
-        print(format_report(report, cfg), flush=True)
-        rows.append(table_row(size, overrides, report))
-        text = _table_text(rows)
-        with open(path, "w") as f:  # rewritten after every row: slow compiles keep progress
-            f.write(text)
+        for kernel in kernels:
+            cfg = apply_overrides(load_config(f"experiments/gpt3.py:{size}"),
+                                  {**overrides, "model.attention_impl": kernel})
+            report = compile_train_step(cfg, parse_topology(topo_name))
+            print(format_report(report, cfg), flush=True)
+            rows.append(table_row(size, overrides, report))
+            text = _with_notes(_table_text(rows), path)
+            with open(path, "w") as f:  # rewritten after every row: slow compiles keep progress
+                f.write(text)
     return text
 
 
@@ -361,8 +371,12 @@ def _table_text(rows: list[str]) -> str:
         "hand): each row compiles the real sharded train step of `experiments/gpt3.py:<size>` "
         f"for the slice with jax {jax.__version__} and libtpu, on a machine without TPUs. "
         "Memory is XLA's per-chip total (arguments + non-aliased outputs + temporaries + "
-        "code). XLA TFLOP/step: the matmul (dot and convolution) FLOPs of the compiled "
-        "program over all chips, read from its optimized HLO with every loop body counted "
+        "code). Attention: the kernel each layer runs (`model.attention_impl`; `splash` is "
+        "the Pallas splash flash-attention kernel, `xla` materialises every head's T x T "
+        "scores). XLA TFLOP/step: the matmul (dot and convolution) FLOPs of the compiled "
+        "program over all chips, plus the splash kernels' matmuls over the blocks their "
+        "masks visit (`hlo_cost.splash_flops`), read from its optimized HLO with every loop "
+        "body counted "
         "as often as it runs (the microbatch loop, whose bound is traced, as "
         "`train.microbatches`); it includes remat's recomputed forwards. Model TFLOP/step: "
         "6N + attention per token x batch tokens. MFU ceiling = model / XLA FLOPs. Step "
@@ -382,6 +396,19 @@ def _table_text(rows: list[str]) -> str:
         "", *rows, ""])
 
 
+NOTES_MARKER = "<!-- Written by hand below this line; --table keeps it. -->"
+
+
+def _with_notes(text: str, path: str) -> str:
+    """`text` followed by the hand-written notes of the existing file at `path`, if any."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except FileNotFoundError:
+        return text
+    return text + old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else text
+
+
 def define_flags() -> None:
     """CLI flags, defined only when run as a program so importing this module is free."""
     from absl import flags
@@ -391,6 +418,8 @@ def define_flags() -> None:
                         "TPU slice (v4-8, v5p-128, v5e-16, v5litepod-16, v6e-64, v5p:4x4x4) "
                         "or cpu:N.")
     flags.DEFINE_string("table", None, "Write the GPT-3 fit table (markdown) to this path.")
+    flags.DEFINE_list("table_kernels", list(KERNELS),
+                      "--table: the model.attention_impl values each case is compiled with.")
 
 
 def main(argv: list[str]) -> None:
@@ -400,7 +429,7 @@ def main(argv: list[str]) -> None:
     if f.table:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         jax.config.update("jax_platforms", "cpu")  # compile-only TPU devices; run nothing
-        write_table(f.table)
+        write_table(f.table, kernels=tuple(f.table_kernels))
         return
     if f.config is None or f.topology is None:
         raise app_usage_error("--config and --topology are required (or --table)")

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import math
 import re
+from collections.abc import Callable
 
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
@@ -197,7 +198,7 @@ def splash_block_pairs(length: int, window: int | None, block_q: int, block_kv: 
 def splash_flops(instr: Instr, types: dict[str, str]) -> float:
     """Matmul FLOPs of a Pallas splash attention kernel, a custom call XLA cannot see into:
     2 x block_q x block_kv x head_dim per matmul, per visited block pair, head and
-    sequence. Its q operand is batch x heads x T x head_dim; the mask comes from the
+    sequence. Its q operand is [batch x] heads x T x head_dim; the mask comes from the
     named scope `attention.splash_causal` puts around it (`splash_causal` or
     `splash_band<window>`), the block sizes from the kernel's metadata. 0 for any other
     op."""
@@ -209,7 +210,11 @@ def splash_flops(instr: Instr, types: dict[str, str]) -> float:
     band = re.search(r"splash_band(\d+)", op.group(1))
     names = _SPLASH_BLOCKS[kind.group(1)]
     blocks = [int(re.search(rf'\\?"{n}\\?": (\d+)', instr.attrs).group(1)) for n in names]
-    b, h, t, d = next(dims for o in instr.operands if len(dims := type_dims(types[o])) == 4)
+    # q: [batch,] heads, T, head_dim (XLA drops a batch of 1), the first float operand
+    # (the integer mask tables come before it)
+    *batch, h, t, d = next(dims for o in instr.operands if types[o].startswith(("f", "bf"))
+                           and len(dims := type_dims(types[o])) >= 3)
+    b = math.prod(batch)
     pairs = splash_block_pairs(t, int(band.group(1)) if band else None, *blocks)
     return 2.0 * SPLASH_MATMULS[kind.group(1)] * blocks[0] * blocks[1] * d * pairs * b * h
 
@@ -315,8 +320,10 @@ def _called(instr: Instr, key: str) -> str:
 def trip_count(loop: Instr, comps: dict[str, list[Instr]], defs: dict[str, Instr]
                ) -> int | None:
     """Iterations of a while loop: XLA's `known_trip_count` where the backend prints it
-    (CPU), else read off a `counter < constant` condition and the counter's constant
-    initial value (TPU; jax's scans and fori_loops step by 1). None if neither."""
+    (CPU), else read off a `counter < constant` condition, the counter's constant initial
+    value and its step: the constant the body adds to it (TPU; jax's scans and fori_loops
+    step by 1, XLA:TPU's windowed-einsum loops, unrolled twice, by 2). None if the bound
+    or start cannot be read."""
     if known := re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs):
         return int(known.group(1))
 
@@ -337,7 +344,27 @@ def trip_count(loop: Instr, comps: dict[str, list[Instr]], defs: dict[str, Instr
     start = source(init.operands[int(index.group(1))])
     if start.opcode != "constant":
         return None
-    return max(int(bound.operands[0]) - int(start.operands[0]), 0)
+    span = max(int(bound.operands[0]) - int(start.operands[0]), 0)
+    step = _counter_step(comps[_called(loop, "body")], int(index.group(1)), source)
+    return -(-span // step)
+
+
+def _counter_step(body: list[Instr], index: int, source: Callable[[str], Instr]) -> int:
+    """The constant the loop body adds to tuple element `index` (its counter); 1 if the
+    update is not `counter + constant`."""
+    root = body[-1]
+    if root.opcode != "tuple" or index >= len(root.operands):
+        return 1
+    update = source(root.operands[index])
+    if update.opcode != "add":
+        return 1
+    a, b = (source(o) for o in update.operands)
+    counter, step = (a, b) if b.opcode == "constant" else (b, a)
+    counter_index = re.search(r"index=(\d+)", counter.attrs)
+    if (step.opcode != "constant" or counter.opcode != "get-tuple-element"
+            or not counter_index or int(counter_index.group(1)) != index):
+        return 1
+    return max(int(step.operands[0]), 1)
 
 
 def hlo_cost(hlo_text: str, uncounted_trip_count: int) -> HloCost:

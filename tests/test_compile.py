@@ -92,6 +92,9 @@ def test_hlo_cost_counts_loops_and_batched_convolutions():
     assert cost.matmul_flops == attention + 5 * 2 * 8 * 16 * 16
     assert cost.collective_bytes == {"all-reduce": 5 * 2 * (8 * 16 * 4) / 2}
     assert cost.uncounted_loops == 0
+    # XLA:TPU's windowed-einsum loops are unrolled twice: the counter steps by 2
+    by_two = LOOP_HLO.replace("%one = s32[] constant(1)", "%one = s32[] constant(2)")
+    assert hlo_cost.hlo_cost(by_two, 3).matmul_flops == attention + 3 * 2 * 8 * 16 * 16
     unbounded = LOOP_HLO.replace("%n = s32[] constant(5)", "%n = s32[] parameter(1)")
     cost = hlo_cost.hlo_cost(unbounded, uncounted_trip_count=3)
     assert cost.uncounted_loops == 1 and cost.matmul_flops == attention + 3 * 2 * 8 * 16 * 16
@@ -230,6 +233,8 @@ def test_hlo_cost_reads_splash_kernels_over_several_lines():
     assert cost.matmul_flops == splash + 2 * 8 * 16 * 16
     causal = SPLASH_HLO.replace("splash_band256", "splash_causal")
     assert hlo_cost.hlo_cost(causal, 1).matmul_flops == 10 * splash / 9 + 2 * 8 * 16 * 16
+    one_row = SPLASH_HLO.replace("f32[4,2,512,64]", "f32[2,512,64]")  # batch 1: 3-D
+    assert hlo_cost.hlo_cost(one_row, 1).matmul_flops == splash / 4 + 2 * 8 * 16 * 16
     dkv = SPLASH_HLO.replace("splash_mha_fwd", "splash_mha_dkv")  # its own blocks: 256
     assert hlo_cost.hlo_cost(dkv, 1).matmul_flops == (
         3 * 4 * 2 * 256 * 256 * 64 * 4 * 2 + 2 * 8 * 16 * 16)
