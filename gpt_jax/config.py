@@ -106,7 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.tfds_text_feature = "text"
     d.tfds_data_dir = ""
     d.tfds_max_docs = 0  # 0 = all documents
-    d.data_dir = "data"  # token files and tokenizer models live here (a local path)
+    d.data_dir = "data"  # token files and tokenizer models live here (local or gs://)
+    d.cache_dir = ""  # where gs:// token files are staged ('' = ~/.cache/gpt_jax)
     d.token_dir = ""  # explicit token directory; default <data_dir>/tokens/<source-tokenizer>
     d.val_fraction = 0.05
     d.tokenizer = "sentencepiece"

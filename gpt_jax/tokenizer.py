@@ -564,16 +564,16 @@ def from_config(cfg: ml_collections.ConfigDict, corpus_key: str,
     """
     d = cfg.data
     if d.tokenizer == "file":
-        if not d.tokenizer_path or not os.path.isfile(d.tokenizer_path):
+        if not d.tokenizer_path or not epath.Path(d.tokenizer_path).is_file():
             raise ConfigError(
                 f"data.tokenizer_path={d.tokenizer_path!r} is not an existing sentencepiece "
                 ".model file (data.tokenizer='file')")
         tok = load_tokenizer(d.tokenizer_path)
     elif d.tokenizer in ("gpt2", "gpt1"):
         path = d.tokenizer_path
-        if os.path.isfile(path) and os.path.basename(path) == GPT2_VOCAB_FILE:
-            path = os.path.dirname(path)
-        if not path or not all(os.path.isfile(os.path.join(path, n))
+        if path and epath.Path(path).name == GPT2_VOCAB_FILE and epath.Path(path).is_file():
+            path = os.fspath(epath.Path(path).parent)
+        if not path or not all((epath.Path(path) / n).is_file()
                                for n in (GPT2_VOCAB_FILE, GPT2_MERGES_FILE)):
             raise ConfigError(
                 f"data.tokenizer_path={d.tokenizer_path!r} is not a directory holding "
@@ -581,7 +581,7 @@ def from_config(cfg: ml_collections.ConfigDict, corpus_key: str,
         tok = (GPT1Tokenizer if d.tokenizer == "gpt1" else GPT2Tokenizer).from_directory(path)
     elif d.tokenizer in ("sentencepiece", "char"):
         path = tokenizer_file(cfg, corpus_key)
-        if os.path.exists(path):
+        if epath.Path(path).exists():  # data.data_dir may be gs://
             tok = load_tokenizer(path)
         elif d.tokenizer == "char":
             tok = build_char_tokenizer(train_docs(0))
