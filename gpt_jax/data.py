@@ -40,11 +40,13 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -101,6 +103,8 @@ class Source:
     description: dict[str, Any]
     docs: Callable[[str], Iterator[str]]
     sample: Callable[[int], Iterator[str]]
+    # files of each split that `docs` skipped (not UTF-8), filled in as it reads
+    skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -155,11 +159,22 @@ def file_source(description: dict[str, Any], root: str, rel_paths: Sequence[str]
     if val_paths is None:
         description["val_fraction"] = val_fraction
 
-    def docs_of(rels: Iterable[str]) -> Iterator[str]:
+    skipped: dict[str, list[str]] = {}
+
+    def docs_of(rels: Iterable[str], split: str | None = None) -> Iterator[str]:
+        bad = []
         for rel in rels:
             text = read_text(os.path.join(root, rel))
-            if text is not None:
+            if text is None:
+                bad.append(os.path.join(root, rel))
+            else:
                 yield text
+        if split is not None:
+            skipped[split] = bad
+            if bad:
+                print(f"warning: skipped {len(bad)} of {len(by_split[split])} files of the "
+                      f"{SPLIT_NAMES[split]} split that are not UTF-8 text, e.g. "
+                      f"{', '.join(bad[:3])}", file=sys.stderr)
 
     def sample(max_chars: int) -> Iterator[str]:
         train = by_split["train"]
@@ -167,7 +182,7 @@ def file_source(description: dict[str, Any], root: str, rel_paths: Sequence[str]
         rels = train if order is None else [train[i] for i in order]
         return docs_of(rels)
 
-    return Source(description, lambda split: docs_of(by_split[split]), sample)
+    return Source(description, lambda split: docs_of(by_split[split], split), sample, skipped)
 
 
 def stdlib_source(val_fraction: float, seed: int) -> Source:
@@ -351,10 +366,13 @@ def write_tokens(path: str, tok: Tokenizer, docs: Iterable[str],
     dtype = token_dtype(tok.vocab_size)
     tmp = f"{path}.tmp-{os.getpid()}"
     n_tokens = n_bytes = n_docs = 0
+    digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
             for tokens, b, n in encode_chunks(tok, docs, num_workers):
-                f.write(tokens.astype(dtype).tobytes())
+                data = tokens.astype(dtype).tobytes()
+                f.write(data)
+                digest.update(data)
                 n_tokens += len(tokens)
                 n_bytes += b
                 n_docs += n
@@ -362,7 +380,8 @@ def write_tokens(path: str, tok: Tokenizer, docs: Iterable[str],
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return {"num_tokens": n_tokens, "num_bytes": n_bytes, "num_docs": n_docs}
+    return {"num_tokens": n_tokens, "num_bytes": n_bytes, "num_docs": n_docs,
+            "sha256": digest.hexdigest()}
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -378,6 +397,7 @@ def _manifest(split: str, source: Source, tok: Tokenizer, counts: dict[str, int]
         "num_tokens": counts["num_tokens"],
         "num_bytes": counts["num_bytes"],  # UTF-8 bytes of the split's documents (no eot)
         "num_docs": counts["num_docs"],
+        "sha256": counts["sha256"],  # of the token file: checks a copy staged from gs://
         "source": source.description,
         "source_key": source.key,
         "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint,
@@ -423,10 +443,103 @@ def build_split(token_dir: str, split: str, source: Source, tok: Tokenizer,
     os.makedirs(token_dir, exist_ok=True)
     counts = write_tokens(os.path.join(token_dir, f"{split}.bin"), tok, source.docs(split),
                           num_workers)
+    if counts["num_bytes"] == 0:  # refuse before writing a manifest that reads as complete
+        bad = source.skipped.get(split, [])
+        desc = source.description
+        where = f"data.text_glob={desc['glob']!r}" if "glob" in desc else f"data.{desc['source']}"
+        raise ConfigError(
+            f"{where}: the {SPLIT_NAMES[split]} split has no text" + (
+                f": {len(bad)} files are not UTF-8 (e.g. {', '.join(bad[:3])}), the rest, if "
+                "any, are empty" if bad else ": its documents are empty")
+            + "; point it at UTF-8 text files")
     manifest = _manifest(split, source, tok, counts)
+    if source.skipped.get(split):
+        manifest["skipped_files"] = {"count": len(source.skipped[split]),
+                                     "first": source.skipped[split][:10]}
     atomic_write_bytes(os.path.join(token_dir, f"{split}.json"),
                        json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
+
+
+# ---------------------------------------------------------------------------- gs:// token dirs
+
+
+def local_cache_dir(cfg: ml_collections.ConfigDict, remote_dir: str) -> str:
+    """Where the token files of the gs:// `remote_dir` are staged on this host."""
+    key = hashlib.sha256(remote_dir.encode()).hexdigest()[:12]
+    root = os.path.expanduser(cfg.data.cache_dir or "~/.cache/gpt_jax")
+    return os.path.join(root, "tokens", f"{os.path.basename(remote_dir.rstrip('/'))}-{key}")
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stage_split(remote_dir: str, local_dir: str, split: str, tok: Tokenizer,
+                explicit: bool) -> bool:
+    """Copies a complete split of the gs:// `remote_dir` into `local_dir` for the memmap
+    reader, checked against its manifest (size, sha256, tokenizer fingerprint); reuses a
+    copy that already matches. False when the remote split does not exist (yet).
+
+    The manifest is written last on both sides, so a half-copied file is never read as
+    complete. Issue #15's store reads windows remotely instead of staging whole files.
+    """
+    from etils import epath
+    remote = epath.Path(remote_dir)
+    try:
+        manifest = json.loads((remote / f"{split}.json").read_text())
+    except FileNotFoundError:
+        return False
+    where = f"{remote / (split + '.json')}"
+    t = manifest.get("tokenizer", {})
+    if t.get("fingerprint") != tok.fingerprint:
+        if explicit:
+            raise ConfigError(f"data.token_dir={remote_dir!r}: {where} was tokenized with "
+                              f"tokenizer fingerprint {t.get('fingerprint')}, not "
+                              f"{tok.fingerprint}; point data.token_dir elsewhere")
+        return False
+    expected = manifest["num_tokens"] * np.dtype(manifest["dtype"]).itemsize
+    source = remote / manifest["file"]
+    size = source.stat().length if source.exists() else -1
+    if size != expected:
+        raise ConfigError(f"{source}: {size if size >= 0 else 'missing'} bytes, but its "
+                          f"manifest {where} says {expected}; rebuild that token directory")
+    local = read_manifest(local_dir, split)
+    target = os.path.join(local_dir, manifest["file"])
+    if local == manifest and os.path.exists(target) and os.path.getsize(target) == expected:
+        return True
+    os.makedirs(local_dir, exist_ok=True)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        with source.open("rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+        if manifest.get("sha256") and _file_sha256(tmp) != manifest["sha256"]:
+            raise ConfigError(f"{source}: its content does not match the sha256 in {where}; "
+                              "rebuild that token directory")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    atomic_write_bytes(os.path.join(local_dir, f"{split}.json"),
+                       json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return True
+
+
+def upload_split(local_dir: str, remote_dir: str, manifest: dict) -> None:
+    """Copies a split built on this host to gs:// (token file first, manifest last), so the
+    next run, and every other host, stages it instead of tokenizing again."""
+    from etils import epath
+    remote = epath.Path(remote_dir)
+    remote.mkdir(parents=True, exist_ok=True)
+    with open(os.path.join(local_dir, manifest["file"]), "rb") as src, \
+            (remote / manifest["file"]).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+    atomic_write_bytes(remote / f"{manifest['split']}.json",
+                       json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 # ---------------------------------------------------------------------------- corpus
@@ -480,8 +593,13 @@ def prepare(cfg: ml_collections.ConfigDict) -> Corpus:
     tok = tokenizer_lib.from_config(cfg, source.key, source.sample)
     explicit_dir = d.token_dir
     token_dir = explicit_dir or default_token_dir(cfg, source, tok)
+    remote_dir = None
+    if "://" in token_dir:  # the memmap reader needs local files: stage them on this host
+        remote_dir, token_dir = token_dir, local_cache_dir(cfg, token_dir)
     manifests = {}
     for split in SPLITS:
+        staged = remote_dir is not None and stage_split(remote_dir, token_dir, split, tok,
+                                                        bool(explicit_dir))
         manifest = read_manifest(token_dir, split)
         problem = None if manifest is None else manifest_problem(manifest, tok, token_dir)
         if manifest is not None and problem and explicit_dir:
@@ -489,6 +607,8 @@ def prepare(cfg: ml_collections.ConfigDict) -> Corpus:
                               f"split {problem}; delete it or point data.token_dir elsewhere")
         if manifest is None or problem:
             manifest = build_split(token_dir, split, source, tok, d.num_workers)
+        if remote_dir is not None and not staged and jax.process_index() == 0:
+            upload_split(token_dir, remote_dir, manifest)
         manifests[split] = manifest
     if not os.path.exists(os.path.join(token_dir, tok.file_name)):
         tok.save(token_dir)
@@ -604,18 +724,25 @@ def read_jsonl(path: str, required: Sequence[str]) -> list[dict]:
     """All objects of a JSONL file; each must have the `required` keys."""
     if not path:
         raise ConfigError(f"no JSONL file given for the {list(required)} data")
+    from etils import epath
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        text = epath.Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such JSONL file") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{n}: missing {missing}")
-            rows.append(row)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno})") from None
+        missing = [k for k in required if k not in row] if isinstance(row, dict) else required
+        if missing:
+            raise ConfigError(f"{path}:{n}: missing {list(missing)}")
+        rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no examples")
+        raise ConfigError(f"{path}: no examples")
     return rows
 
 
