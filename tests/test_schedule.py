@@ -15,7 +15,7 @@ from gpt_jax.config import validate
 def ramp_config():
     """8 sequences of 16 tokens in 4 microbatches; the ramp starts at one microbatch and
     lasts 2 * 200 / (32 + 128) = 2.5 steps; warmup over 100 tokens, training 448."""
-    cfg = tiny_config()
+    cfg = tiny_config(n_layer=1)
     cfg.train.update(dict(batch_size=8, microbatches=4, tokens=448, log_every=1, eval_every=3,
                           ckpt_every=100))
     cfg.optim.update(dict(batch_ramp_tokens=200, batch_ramp_start_tokens=32,
