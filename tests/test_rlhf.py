@@ -1,6 +1,7 @@
 """InstructGPT: the pairwise RM loss, GAE and the KL-penalised reward against direct
-computations; SFT -> RM -> PPO end to end (with an exact resume) and PPO(-ptx) raising a
-programmatic reward on a tiny character-level model."""
+computations; SFT -> RM -> PPO end to end with held-out evaluation and the policy EMA;
+PPO(-ptx) raising a programmatic reward on a tiny character-level model, resumed exactly
+after SIGKILL; bad input rejected in one line before any compile."""
 
 from __future__ import annotations
 
@@ -9,16 +10,21 @@ import itertools
 import json
 import math
 import os
+import signal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run_python
 from test_optim import experiment
 
-from gpt_jax import data, metrics, sharding, train
-from gpt_jax.rlhf import common, ppo, reward, sft
+from gpt_jax import checkpoint, data, metrics, sharding, train
+from gpt_jax import model as model_lib
+from gpt_jax.config import ConfigError
+from gpt_jax.rlhf import common, ppo, reward, rl, sft
 from gpt_jax.tokenizer import load_tokenizer
+from gpt_jax.workdir import Workdir
 
 # ---------------------------------------------------------------------------- pure functions
 
@@ -50,7 +56,7 @@ def test_gae_matches_a_reverse_loop():
     mask = np.zeros((b, a), np.float32)
     for row, (lo, hi) in enumerate([(2, 9), (0, 4), (5, 6)]):  # one contiguous episode each
         mask[row, lo:hi] = 1
-    adv, ret = ppo.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), 1.0, lam)
+    adv, ret = rl.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), 1.0, lam)
     want = np.zeros((b, a))
     for row in range(b):
         nxt_adv, nxt_value = 0.0, 0.0
@@ -69,7 +75,7 @@ def test_kl_penalty_per_token_and_score_at_the_last_response_token():
     logp = jnp.array([[-1.0, -2.0, -0.5, -3.0], [-1.0, -1.0, -1.0, -1.0]])
     logp_ref = jnp.array([[-1.5, -1.0, -0.5, -1.0], [-2.0, -2.0, -2.0, -2.0]])
     mask = jnp.array([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    got = ppo.kl_penalty_rewards(logp, logp_ref, jnp.array([10.0, 20.0]), mask, 0.1)
+    got = rl.kl_penalty_rewards(logp, logp_ref, jnp.array([10.0, 20.0]), mask, 0.1)
     want = -0.1 * (logp - logp_ref) * mask
     want = want.at[0, 2].add(10.0).at[1, 3].add(20.0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
@@ -79,19 +85,34 @@ def test_right_align_and_losses():
     eot = 9
     # prompt slots 3 (left-padded), then 4 generated: row 0 stops at its second token.
     seq = jnp.array([[0, 5, 6, 1, 9, 9, 9], [4, 5, 6, 1, 2, 3, 4]])
-    tokens, mask = ppo.right_align(seq, jnp.array([1, 0]), 3, eot)
+    tokens, mask, ended = rl.right_align(seq, jnp.array([1, 0]), 3, eot)
     assert tokens.tolist() == [[5, 6, 1, 9, 9, 9, 9], [4, 5, 6, 1, 2, 3, 4]]
     assert mask.tolist() == [[0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]]
-    frac = ppo.target_token_fraction(tokens, mask, 1, eot)
+    assert ended.tolist() == [True, False]  # row 1 hit the length limit
+    scores = rl.missing_eot_scores(jnp.array([2.0, 11.0]), ended, 10.0)
+    np.testing.assert_allclose(np.asarray(scores), [2.0, 1.0])
+    frac = rl.target_token_fraction(tokens, mask, 1, eot)
     np.testing.assert_allclose(np.asarray(frac), [1.0, 0.25])
     ones = jnp.ones((1, 3))
-    loss, clipped = ppo.policy_loss(jnp.log(jnp.array([[1.5, 1.0, 0.5]])), 0 * ones, ones,
+    loss, clipped = rl.policy_loss(jnp.log(jnp.array([[1.5, 1.0, 0.5]])), 0 * ones, ones,
                                     ones, 0.2)
     np.testing.assert_allclose(float(loss), -(1.2 + 1.0 + 0.5) / 3, rtol=1e-6)
     np.testing.assert_allclose(float(clipped), 2 / 3, rtol=1e-6)
-    vf = ppo.value_loss(jnp.array([[1.0, 0.0]]), jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]),
+    vf = rl.value_loss(jnp.array([[1.0, 0.0]]), jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]),
                         jnp.ones((1, 2)), 0.5)
     np.testing.assert_allclose(float(vf), 0.5 * (1.0 + 1.0) / 2, rtol=1e-6)
+
+
+def test_ema_and_the_toy_rule():
+    avg = {"w": jnp.array([1.0, 2.0])}
+    got = rl.ema(avg, {"w": jnp.array([3.0, 0.0])}, 0.75)
+    np.testing.assert_allclose(np.asarray(got["w"]), [1.5, 1.5])
+    rule = ppo.RULES["python_function"]
+    assert rule("def f(x, y):\n", "    return x * y + 1\n")
+    assert rule("def f(x, y):\n", "    return x * y")  # complete, if without its newline
+    assert not rule("def f(x, y):\n", "    return 3\n\ndef f(k, k):\n    r")  # the issue's
+    assert not rule("def f(x, y):\n", "    return x *")
+    assert not rule("def f(x, y):\n", "return x\n")  # not indented: not the body
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -122,24 +143,20 @@ def world(tmp_path_factory):
     cfg.train.update(dict(steps=150, batch_size=16, eval_every=150, ckpt_every=150,
                           sample_tokens=0))
     train.train(cfg, str(root / "pre"))
+    heldout = [json.loads(line) for line in open(paths["heldout_prompts.jsonl"])][:8]
+    with open(root / "heldout.jsonl", "w") as f:
+        for row in heldout:
+            f.write(json.dumps({"prompt": row["prompt"] + "    return "}) + "\n")
     return {"root": root, "pre": str(root / "pre"), **paths,
-            "return_prompts": str(root / "return_prompts.jsonl")}
+            "return_prompts": str(root / "return_prompts.jsonl"),
+            "heldout": str(root / "heldout.jsonl")}
 
 
 def _rows(workdir, key):
     return [r for r in metrics.read_metrics(workdir) if key in r]
 
 
-class _StopAfterFirst:
-    """A Preemption whose SIGTERM 'arrives' during the first iteration."""
-
-    requested = True
-
-    def reached(self, step):
-        return True
-
-
-def test_sft_reward_ppo_chain_and_exact_resume(world, tmp_path, monkeypatch):
+def test_sft_reward_ppo_chain_with_held_out_evaluation(world, tmp_path):
     cfg = experiment("rlhf/sft", "tiny")
     cfg.sft.update(dict(train_jsonl=world["sft.jsonl"], max_len=40, epochs=1))
     cfg.train.update(dict(eval_every=5, ckpt_every=100, log_every=5))
@@ -163,29 +180,28 @@ def test_sft_reward_ppo_chain_and_exact_resume(world, tmp_path, monkeypatch):
         data.read_jsonl(world["sft.jsonl"], ("prompt", "response"))], 40, tok.eot_id)
     assert abs(reward.mean_reward(model_cfg, params, demos, 8, mesh)) < 1e-3
 
-    def ppo_cfg():
-        c = experiment("rlhf/ppo", "tiny")
-        c.ppo.update(dict(prompts_jsonl=world["return_prompts"], reward_workdir=rm_dir,
-                          iterations=2, rollout_batch=8, minibatches=2, max_prompt_len=32,
-                          response_len=8, ptx_batch_size=4, ptx_context=16))
-        c.train.ckpt_every = 1
-        return c
-
-    ppo.train_ppo(ppo_cfg(), str(tmp_path / "sft"), str(tmp_path / "ppo"))
-    straight = _rows(str(tmp_path / "ppo"), "reward")
-    assert [r["step"] for r in straight] == [1, 2]
-    assert straight[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference at first
-    assert all(np.isfinite(r[k]) for r in straight for k in ("reward", "kl", "policy_loss",
-                                                               "value_loss", "ptx_loss"))
+    c = experiment("rlhf/ppo", "tiny")
+    c.ppo.update(dict(prompts_jsonl=world["return_prompts"], reward_workdir=rm_dir,
+                      eval_prompts_jsonl=world["heldout"], eval_samples=2, iterations=2,
+                      rollout_batch=8, minibatches=2, max_prompt_len=32, response_len=8,
+                      ptx_batch_size=4, ptx_context=16))
+    c.train.update(dict(ckpt_every=1, eval_every=2))
+    ppo.train_ppo(c, str(tmp_path / "sft"), str(tmp_path / "ppo"))
+    rows = _rows(str(tmp_path / "ppo"), "reward")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference at first
+    assert all(np.isfinite(r[k]) for r in rows for k in ("reward", "score", "kl", "policy_loss",
+                                                           "value_loss", "ptx_loss", "loss"))
+    # Held-out evaluation at 0 (the SFT policy itself: KL 0) and 2, of the policy and its EMA.
+    evals = _rows(str(tmp_path / "ppo"), "eval_reward")
+    assert [r["step"] for r in evals] == [0, 2]
+    assert evals[0]["eval_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert evals[0]["ema_eval_kl"] == pytest.approx(0.0, abs=1e-4)
+    for key in ("ended", "well_formed"):
+        assert all(0 <= r[f"eval_{key}"] <= 1 for r in evals)
+    assert evals[1]["eval_kl"] > 0 and evals[1]["eval_target_count"] >= 0
     assert os.path.isdir(tmp_path / "ppo" / "policy" / "checkpoints")
-    # Interrupted after iteration 1, then resumed: the same iteration 2.
-    monkeypatch.setattr(ppo.loop, "Preemption", _StopAfterFirst)
-    ppo.train_ppo(ppo_cfg(), str(tmp_path / "sft"), str(tmp_path / "resumed"))
-    monkeypatch.undo()
-    ppo.train_ppo(ppo_cfg(), str(tmp_path / "sft"), str(tmp_path / "resumed"))
-    resumed = _rows(str(tmp_path / "resumed"), "reward")
-    for key in ("reward", "kl", "policy_loss", "value_loss", "ptx_loss", "entropy"):
-        np.testing.assert_allclose(resumed[1][key], straight[1][key], rtol=1e-5, err_msg=key)
+    assert os.path.isdir(tmp_path / "ppo" / "policy_ema" / "checkpoints")
 
 
 def test_ppo_raises_a_programmatic_reward_and_ptx_limits_drift(world, tmp_path):
@@ -196,7 +212,9 @@ def test_ppo_raises_a_programmatic_reward_and_ptx_limits_drift(world, tmp_path):
         cfg.ppo.update(dict(prompts_jsonl=world["return_prompts"], reward="target_token_fraction",
                             target_token="x", iterations=12, rollout_batch=32, minibatches=2,
                             max_prompt_len=32, response_len=8, kl_coef=0.02, ptx_coef=ptx_coef,
-                            ptx_batch_size=8, ptx_context=32, value_lr=3e-3))
+                            ptx_batch_size=8, ptx_context=32, value_lr=3e-3,
+                            # 8 tokens rarely finish a body: no end-of-text penalty here
+                            missing_eot_penalty=0.0, eval_prompts_jsonl="", ema_decay=0.0))
         cfg.optim.peak_lr = 1e-3
         workdir = str(tmp_path / f"ptx{ptx_coef}")
         ppo.train_ppo(cfg, world["pre"], workdir)
@@ -209,3 +227,132 @@ def test_ppo_raises_a_programmatic_reward_and_ptx_limits_drift(world, tmp_path):
     # plain PPO drifts away from the pretrained model, PPO-ptx much less.
     ptx_last = {c: np.mean([r["ptx_loss"] for r in rows[-3:]]) for c, rows in runs.items()}
     assert ptx_last[0.5] < ptx_last[0.0] - 0.2, ptx_last
+
+
+# SIGKILL during iteration 3, once the (asynchronous) iteration-2 checkpoint is on disk.
+KILL_AT_3 = """
+import os, signal, sys, time
+from gpt_jax import cli, loop
+from gpt_jax.rlhf import ppo
+run = loop.run
+workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
+def run_and_kill(cfg, wd, mesh, task):
+    make = task.make_step
+    def make_killing(trainer):
+        step = make(trainer)
+        def killing(state, it):
+            if it == 3:
+                deadline = time.time() + 120
+                while not os.path.isdir(os.path.join(workdir, "checkpoints", "2")):
+                    assert time.time() < deadline, "checkpoint 2 never appeared"
+                    time.sleep(0.1)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(state, it)
+        return killing
+    task.make_step = make_killing
+    return run(cfg, wd, mesh, task)
+loop.run = run_and_kill
+cli.define_run_flags("PPO", init_from=True)
+from absl import app
+app.run(ppo.main, argv=["ppo"] + sys.argv[1:])
+"""
+
+
+def _ppo_args(world, workdir):
+    overrides = dict(prompts_jsonl=world["return_prompts"], reward="target_token_fraction",
+                     target_token="x", iterations=4, rollout_batch=8, minibatches=2,
+                     max_prompt_len=32, response_len=8, ptx_batch_size=4, ptx_context=16,
+                     eval_prompts_jsonl=world["heldout"], eval_samples=1,
+                     missing_eot_penalty=0.5)
+    return (["-m", "gpt_jax.rlhf.ppo", "--config=experiments/rlhf/ppo.py:tiny",
+             f"--init_from={world['pre']}", f"--workdir={workdir}",
+             "--config.train.ckpt_every=2", "--config.train.eval_every=2"]
+            + [f"--config.ppo.{k}={v}" for k, v in overrides.items()])
+
+
+def _exported(workdir, name):
+    cfg = Workdir(os.path.join(workdir, name)).read_config()
+    shapes = model_lib.unbox(model_lib.abstract_params(cfg.model))
+    params, meta = checkpoint.restore_params(os.path.join(workdir, name), shapes)
+    return meta["step"], jax.tree.leaves(params)
+
+
+def test_ppo_resumes_exactly_after_sigkill(world, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    done = run_python(_ppo_args(world, straight))
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = run_python(["-c", KILL_AT_3] + _ppo_args(world, resumed)[2:])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    again = run_python(_ppo_args(world, resumed))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from step 2" in again.stdout
+    a = {r["step"]: r for r in metrics.read_metrics(straight) if "loss" in r}
+    b = {r["step"]: r for r in metrics.read_metrics(resumed) if "loss" in r}
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):  # iterations after the resume: rollouts, scores and updates
+        for key in ("loss", "reward", "score", "kl", "policy_loss", "value_loss", "ptx_loss",
+                    "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key)
+    evals = [{r["step"]: r for r in metrics.read_metrics(w) if "eval_reward" in r}
+             for w in (straight, resumed)]
+    assert [e[4]["eval_reward"] for e in evals] == [e[4]["eval_reward"] for e in evals[::-1]]
+    for key in evals[0][4]:
+        if key.startswith(("eval_", "ema_eval_")):
+            assert evals[0][4][key] == evals[1][4][key], key
+    for name in ("policy", "policy_ema"):
+        (step_a, params_a), (step_b, params_b) = _exported(straight, name), _exported(resumed, name)
+        assert step_a == step_b == 4
+        for x, y in zip(params_a, params_b):
+            np.testing.assert_array_equal(x, y)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _ppo_config(world, **ppo_fields):
+    cfg = experiment("rlhf/ppo", "tiny")
+    cfg.ppo.update(dict(prompts_jsonl=world["return_prompts"], reward="target_token_fraction",
+                        target_token="x", eval_prompts_jsonl="", max_prompt_len=32,
+                        response_len=8, **ppo_fields))
+    return cfg
+
+
+def _one_line_error(fn, *args, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        fn(*args)
+    assert "\n" not in str(e.value)
+
+
+def test_ppo_bad_input_is_one_line_before_compiling(world, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    _one_line_error(ppo.train_ppo, _ppo_config(world, prompts_jsonl=str(empty)), world["pre"],
+                    str(tmp_path / "a"), match=r"ppo\.prompts_jsonl=.*empty\.jsonl.*no examples")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "def f(x):\n    return x\n" * 3}) + "\n")
+    _one_line_error(ppo.train_ppo, _ppo_config(world, eval_prompts_jsonl=str(long)),
+                    world["pre"], str(tmp_path / "b"),
+                    match=r"ppo\.eval_prompts_jsonl=.*long\.jsonl.*prompt 1 has \\d+ tokens.*"
+                          r"ppo\.max_prompt_len=32")
+    # A reward model on another base model (here: another vocabulary).
+    rm = Workdir(tmp_path / "rm")
+    rm_cfg = Workdir(world["pre"]).read_config()
+    rm_cfg.model.vocab_size += 16
+    rm.write_config(rm_cfg)
+    _one_line_error(ppo.train_ppo, _ppo_config(world, reward="model", reward_workdir=str(rm)),
+                    world["pre"], str(tmp_path / "c"),
+                    match=r"ppo\.reward_workdir=.*vocab_size=64.*48")
+    for name in "abc":  # nothing was written: no run started
+        assert not os.path.exists(tmp_path / name / "config.json")
+
+
+def test_rankings_with_one_response_is_one_line(world, tmp_path):
+    bad = tmp_path / "rankings.jsonl"
+    lines = open(world["rankings.jsonl"]).read().splitlines()
+    row = json.loads(lines[3])
+    lines[3] = json.dumps({**row, "responses": row["responses"][:1], "ranking": [0]})
+    bad.write_text("\n".join(lines) + "\n")
+    cfg = experiment("rlhf/reward", "tiny")
+    cfg.reward.update(dict(train_jsonl=str(bad), demo_jsonl=world["sft.jsonl"]))
+    _one_line_error(reward.train_reward, cfg, world["pre"], str(tmp_path / "rm"),
+                    match=r"reward\.train_jsonl=.*rankings\.jsonl.*prompt 4 has 1 response")

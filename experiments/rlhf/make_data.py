@@ -10,6 +10,8 @@ A toy world of one-line Python functions, `def mix(x, y):\\n    return x * y + 1
                    argument x, and the labeller's taste is: more occurrences of "x" is better
                    (rank 0 = most x's), an equal count is a tie
   prompts.jsonl    {"prompt": ...} for PPO rollouts (each with an argument x)
+  heldout_prompts.jsonl  the 150 headers with an argument x that prompts.jsonl lacks
+                   (PPO's held-out evaluation)
 
 Everything is a pure function of the seed, and the files total about 150 KB.
 """
@@ -17,6 +19,7 @@ Everything is a pure function of the seed, and the files total about 150 KB.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -32,6 +35,12 @@ def header(rng: random.Random, with_x: bool = False) -> str:
     if with_x and "x" not in args:
         args[rng.randrange(len(args))] = "x"
     return f"def {rng.choice(NAMES)}({', '.join(args)}):\n"
+
+
+def all_headers(with_x: bool = False) -> list[str]:
+    """Every header `header` can draw."""
+    return [f"def {name}({', '.join(args)}):\n" for name in NAMES for k in (1, 2, 3)
+            for args in itertools.permutations(ARGS, k) if not with_x or "x" in args]
 
 
 def body(rng: random.Random, prompt: str) -> str:
@@ -55,7 +64,7 @@ def write(out: str, seed: int = 0) -> dict[str, str]:
     os.makedirs(os.path.join(out, "corpus"), exist_ok=True)
     names = [f"corpus/part{i}.txt" for i in range(PARTS)]
     paths = {name: os.path.join(out, name) for name in
-             (*names, "sft.jsonl", "rankings.jsonl", "prompts.jsonl")}
+             (*names, "sft.jsonl", "rankings.jsonl", "prompts.jsonl", "heldout_prompts.jsonl")}
     for part in range(PARTS):
         with open(paths[f"corpus/part{part}.txt"], "w") as f:
             for _ in range(1500 // PARTS):
@@ -71,9 +80,15 @@ def write(out: str, seed: int = 0) -> dict[str, str]:
             responses = [body(rng, prompt) for _ in range(rng.randint(4, 9))]
             f.write(json.dumps({"prompt": prompt, "responses": responses,
                                 "ranking": ranking(responses)}) + "\n")
+    seen = set()
     with open(paths["prompts.jsonl"], "w") as f:
         for _ in range(200):
-            f.write(json.dumps({"prompt": header(rng, with_x=True)}) + "\n")
+            prompt = header(rng, with_x=True)
+            seen.add(prompt)
+            f.write(json.dumps({"prompt": prompt}) + "\n")
+    with open(paths["heldout_prompts.jsonl"], "w") as f:
+        for prompt in sorted(set(all_headers(with_x=True)) - seen):
+            f.write(json.dumps({"prompt": prompt}) + "\n")
     return paths
 
 

@@ -25,8 +25,11 @@ def get_config(variant: str = "paper"):
             f"{DATA}/prompts.jsonl", 20, 32, 2)
         p.max_prompt_len, p.response_len = 24, 32
         p.value_lr, p.ptx_coef, p.ptx_batch_size, p.ptx_context = 1e-3, 1.0, 8, 32
+        p.eval_prompts_jsonl, p.eval_rule, p.eval_target = (
+            f"{DATA}/heldout_prompts.jsonl", "python_function", "x")
+        p.ema_decay = 0.9  # 40 updates in all: a time constant of 10
         cfg.optim.peak_lr = 3e-4
-        cfg.train.update(dict(log_every=1, ckpt_every=10))
+        cfg.train.update(dict(log_every=1, ckpt_every=10, eval_every=10))
     elif variant != "paper":
         raise ValueError(f"experiments/rlhf/ppo.py:{variant} is not one of ['paper', 'tiny']")
     return cfg

@@ -19,6 +19,7 @@ from gpt_jax import config as config_lib
 from gpt_jax.config import ConfigError
 
 REWARDS = ("model", "target_token_fraction")
+EVAL_RULES = ("python_function",)  # ppo.RULES
 
 
 def _stage_base(name: str) -> ml_collections.ConfigDict:
@@ -96,6 +97,15 @@ def ppo_base() -> ml_collections.ConfigDict:
     p.ptx_batch_size = 8  # pretraining windows per update (0: no ptx term, no ptx metric)
     p.ptx_context = 0  # tokens per pretraining window; 0 = model.context
     p.ptx_data = "init"  # 'init': the init workdir's data section; 'config': this config's
+    # A response that reaches response_len without an eot is read by the reward model at a
+    # token it never scored in training: its score loses this much (TRL's missing_eos_penalty).
+    p.missing_eot_penalty = 10.0
+    p.ema_decay = 0.992  # policy EMA per update, evaluated alongside; 0 = none
+    # Held-out evaluation every train.eval_every iterations (and of the SFT policy first).
+    p.eval_prompts_jsonl = ""  # {"prompt": ...} per line; '' = no held-out evaluation
+    p.eval_samples = 4  # responses per held-out prompt (temperature ppo.temperature)
+    p.eval_rule = ""  # '' or one of ppo.RULES: the task's own well-formedness check
+    p.eval_target = ""  # text whose count per response is reported (the toy's objective)
     return cfg
 
 
@@ -145,7 +155,15 @@ def _validate_ppo(cfg: ml_collections.ConfigDict) -> None:
     if p.ptx_context > cfg.model.context:
         raise ConfigError(f"ppo.ptx_context={p.ptx_context} exceeds model.context="
                           f"{cfg.model.context}")
-    for field in ("kl_coef", "ptx_coef", "clip", "value_clip", "value_lr", "ptx_batch_size"):
+    if p.eval_rule not in ("", *EVAL_RULES):
+        raise ConfigError(f"ppo.eval_rule={p.eval_rule!r} is not one of ['', "
+                          f"{', '.join(map(repr, EVAL_RULES))}]")
+    if not isinstance(p.eval_samples, int) or p.eval_samples < 1:
+        raise ConfigError(f"ppo.eval_samples={p.eval_samples!r} must be a positive integer")
+    if not 0.0 <= p.ema_decay < 1.0:
+        raise ConfigError(f"ppo.ema_decay={p.ema_decay} must be in [0, 1)")
+    for field in ("kl_coef", "ptx_coef", "clip", "value_clip", "value_lr", "ptx_batch_size",
+                  "missing_eot_penalty"):
         if p[field] < 0:
             raise ConfigError(f"ppo.{field}={p[field]} must be >= 0")
     if not 0.0 <= p.gae_lambda <= 1.0 or not 0.0 <= p.gamma <= 1.0:

@@ -43,6 +43,7 @@ from gpt_jax import cli, loop, rlhf, sharding, steps
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.config import ConfigError
 from gpt_jax.rlhf import common
 from gpt_jax.workdir import REWARD_OFFSET_FILE, Workdir, WorkdirError, open_run
 
@@ -147,6 +148,17 @@ def encode_rankings(rows: list[dict], tok: tokenizer_lib.Tokenizer, max_len: int
     return out
 
 
+def check_rankings(rows: list[dict], field: str, path: str, max_k: int) -> None:
+    """One line naming the file and the prompt when a row cannot be ranked: fewer than 2 or
+    more than reward.max_k responses, or not one rank per response."""
+    for n, row in enumerate(rows, 1):
+        k, ranks = len(row["responses"]), len(row["ranking"])
+        if not 2 <= k <= max_k or ranks != k:
+            raise ConfigError(f"reward.{field}={path!r}: prompt {n} has {k} "
+                              f"response{'s' * (k != 1)} and {ranks} rank{'s' * (ranks != 1)}; "
+                              f"need 2 <= K <= reward.max_k={max_k}, one rank per response")
+
+
 def demonstrations(cfg: ml_collections.ConfigDict, train_rows: list[dict]
                    ) -> tuple[list[tuple[str, str]], str]:
     """(prompt, response) pairs that define reward 0, and a description of them."""
@@ -241,8 +253,11 @@ def train_reward(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -
     cfg = common.stage_config(cfg, init_from)
     tok = Workdir(init_from).tokenizer()
     r = cfg.reward
-    train_rows, val_rows = common.train_val(data_lib.read_jsonl(r.train_jsonl, REQUIRED),
-                                            r.val_jsonl, REQUIRED)
+    rows = data_lib.read_jsonl(r.train_jsonl, REQUIRED)
+    check_rankings(rows, "train_jsonl", r.train_jsonl, r.max_k)
+    train_rows, val_rows = common.train_val(rows, r.val_jsonl, REQUIRED)
+    if r.val_jsonl:
+        check_rankings(val_rows, "val_jsonl", r.val_jsonl, r.max_k)
     cfg.train.steps = max(1, r.epochs * (len(train_rows) // cfg.train.batch_size))
     cfg = rlhf.validate(cfg)
     mesh = sharding.make_mesh(cfg)
