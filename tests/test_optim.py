@@ -70,7 +70,8 @@ def ramp_reference(cfg, steps):
     return np.clip(np.round(m * tokens / full), 1, m).astype(np.int64)
 
 
-@pytest.mark.parametrize("size", ["small", "xl", "175b"])
+@pytest.mark.parametrize("size", ["small", "medium", "large", "xl", "2.7b", "6.7b", "13b",
+                                  "175b"])
 def test_gpt3_boundaries_in_real_tokens_with_the_ramp(size):
     """Warmup ends at 375M tokens actually consumed, decay at 260B, training at 300B
     (the full-batch conversion ended warmup at 31M / 15.6M / 6.55M tokens)."""
@@ -98,11 +99,11 @@ def test_gpt3_boundaries_in_real_tokens_with_the_ramp(size):
         floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * frac)), rel=1e-4)
     assert lr(cfg, decay - 200) > floor * 1.000001
     assert lr(cfg, decay) == pytest.approx(floor) and lr(cfg, cfg.train.steps) == lr(cfg, decay)
-    # traced (in the optimizer) and eager agree: a resumed run sees the same lr
+    # traced (in the optimizer) and eager (the logged lr) agree to XLA's rounding
     sched = optim.learning_rate_schedule(cfg)
     steps = jnp.array([0, 1, warm - 1, warm, mid, decay])
-    np.testing.assert_array_equal(jax.jit(jax.vmap(sched))(steps),
-                                  [float(sched(int(s))) for s in steps])
+    np.testing.assert_allclose(jax.jit(jax.vmap(sched))(steps),
+                               [float(sched(int(s))) for s in steps], rtol=1e-6)
 
 
 def test_token_fields_must_be_non_negative():
