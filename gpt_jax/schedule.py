@@ -77,7 +77,9 @@ def report(cfg: ml_collections.ConfigDict, marks: dict[str, float], points: int 
              f"{optim.tokens_per_step(cfg):,} tokens in {cfg.train.microbatches} microbatches; "
              f"{last:,} steps, {optim.tokens_consumed(cfg, last):,} tokens"]
     for name, s in mark_steps.items():
-        lines.append(f"  {name} ({marks[name]:,.0f} tokens): step {s:,}, "
+        what = f"{marks[name]:,.0f} tokens" + ("" if name == f"{marks[name]:,.0f}"
+                                               else f" ({name})")
+        lines.append(f"  {what}: step {s:,}, "
                      f"{optim.tokens_consumed(cfg, s):,} tokens consumed before it")
     lines.append(f"{'step':>10} {'lr':>11} {'batch (seqs)':>13} {'batch (tokens)':>15} "
                  f"{'tokens before':>18}")

@@ -91,7 +91,7 @@ def test_cli(tmp_path):
     cfg = validate(experiment("gpt3", "xl"))
     for tokens in (375e6, 260e9):  # the steps printed are optim's (as training uses)
         step = optim.steps_for_tokens(cfg, tokens)
-        assert f"{tokens:,.0f} ({tokens:,.0f} tokens): step {step:,}, " in res.stdout
+        assert f"  {tokens:,.0f} tokens: step {step:,}, " in res.stdout
     assert out.exists()
     bad = run_python(["-m", "gpt_jax.schedule", "--config=experiments/gpt3.py:xl",
                       "--tokens=375e6,-5"], timeout=300)
