@@ -15,6 +15,7 @@ from conftest import run_python
 from gpt_jax import checkpoint, convert, sample
 from gpt_jax import model as model_lib
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.workdir import Workdir, open_run
 
 torch = pytest.importorskip("torch", reason="torch==2.13.0 (hf extra) is not installed")
 transformers = pytest.importorskip("transformers", reason="transformers (hf extra) not installed")
@@ -72,7 +73,8 @@ def imported(tmp_path_factory):
 
 def test_import_logits_greedy_and_workdir(imported):
     hf, hf_dir, workdir = imported
-    cfg, params, tok = sample.load(workdir)  # the sampler's loader works on the workdir
+    run = open_run(workdir)  # the one way every tool opens a run
+    cfg, params, tok = run.cfg, run.params, run.tokenizer
     m = cfg.model
     assert (m.n_layer, m.d_model, m.n_head, m.d_ff, m.context, m.vocab_size) == (
         2, 64, 4, 256, CONTEXT, VOCAB)
@@ -132,7 +134,7 @@ def test_export_round_trip_scanned(imported, tmp_path):
 def test_export_refuses_non_gpt2(tmp_path, field, value, match):
     from conftest import tiny_config
     cfg = tiny_config(**{field: value})
-    checkpoint.write_config(str(tmp_path), cfg)
+    Workdir(tmp_path).write_config(cfg)
     with pytest.raises(convert.ConversionError, match=match):
         convert.export_hf(str(tmp_path), str(tmp_path / "out"))
 

@@ -11,6 +11,7 @@ from conftest import run_python, tiny_config
 from gpt_jax import attention, sample
 from gpt_jax import model as model_lib
 from gpt_jax.sample import SamplingConfig
+from gpt_jax.workdir import Workdir
 
 INF = float("inf")
 GREEDY = SamplingConfig(temperature=0.0)
@@ -205,7 +206,7 @@ def test_cli_restores_sharded_and_streams(tmp_path):
     tok = CharTokenizer("def ():\nabcxyz_")
     params = _params(cfg.model, seed=3)
     workdir = str(tmp_path)
-    checkpoint.write_config(workdir, cfg)
+    Workdir(workdir).write_config(cfg)
     tok.save(workdir)
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
     ckpt.save(1, params, {"dummy": jnp.zeros(())}, {"step": 1})
