@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from gpt_jax import cli, optim, steps
 from gpt_jax import config as config_lib
 from gpt_jax import model as model_lib
-from gpt_jax import optim, steps
 
 
 def windows(sequence: str, context: int) -> np.ndarray:
@@ -90,4 +90,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", "experiments/babygpt.py", "Baby GPT config.")
-    app.run(main)
+    cli.run(main)

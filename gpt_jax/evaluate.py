@@ -46,11 +46,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax import sample as sample_lib
 from gpt_jax import sharding
+from gpt_jax.config import ConfigError
 from gpt_jax.tokenizer import Tokenizer
 from gpt_jax.workdir import REPORTS_DIR, Workdir, atomic_write_bytes, open_run
 
@@ -258,8 +260,10 @@ def check_example(example: dict, task_type: str, where: str) -> dict:
 def load_task(path: str, limit: int = 0) -> tuple[TaskSpec, list[dict], list[dict] | None]:
     """(spec, eval examples, train examples or None) of a task file; at most `limit` (if
     > 0) or the spec's `max_examples` eval examples, whichever is fewer."""
-    with open(path) as f:
-        raw = json.load(f)
+    try:
+        raw = json.loads(epath.Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
     raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     spec = TaskSpec(**raw)
     if limit:

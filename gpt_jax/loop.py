@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,15 +127,19 @@ def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
     """(state, meta) from the latest checkpoint onto this mesh, or freshly initialised.
     With `workdir`, a checkpoint of another model shape is refused (one line) before any
     array is read."""
-    step = ckpt.latest_step()
-    if step is None:
+    def compatible(step: int) -> None:
+        if workdir is not None:
+            check_compatible(workdir, trainer.abstract_params, ckpt.saved_params(step),
+                             trainer.cfg)
+
+    found = ckpt.restore_latest(
+        ckpt_lib.abstract_with_shardings(trainer.abstract_params, trainer.param_shardings),
+        ckpt_lib.abstract_with_shardings(trainer.abstract_opt_state, trainer.opt_shardings),
+        before_restore=compatible)
+    if found is None:
         return trainer.init_state(jax.random.key(trainer.cfg.seed)), {}
-    if workdir is not None:
-        check_compatible(workdir, trainer.abstract_params, ckpt.saved_params(step), trainer.cfg)
-    restored = ckpt.restore(
-        step, ckpt_lib.abstract_with_shardings(trainer.abstract_params, trainer.param_shardings),
-        ckpt_lib.abstract_with_shardings(trainer.abstract_opt_state, trainer.opt_shardings))
-    meta = restored["meta"]
+    meta = found[1]["meta"]
+    restored = found[1]
     state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32),
                                     sharding.replicated(trainer.mesh)),
              "params": restored["params"], "opt_state": restored["opt_state"]}
@@ -184,19 +189,31 @@ class Preemption:
     """
 
     def __init__(self) -> None:
-        self.requested = False
         self._distributed = jax.process_count() > 1
+        self._synced = False
         if not self._distributed:
-            signal.signal(signal.SIGTERM, self._handle)
+            catch_sigterm()
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        del signum, frame
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return self._synced or _SIGTERM.is_set()
 
     def reached(self, step: int) -> bool:
         if self._distributed:
-            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+            self._synced = self._synced or multihost_utils.reached_preemption_sync_point(step)
+            return self._synced
+        return _SIGTERM.is_set()
+
+
+_SIGTERM = threading.Event()
+
+
+def catch_sigterm() -> None:
+    """From here on SIGTERM only sets a flag that `Preemption` reads, so a notice that
+    arrives during start-up (data, compile, restore) is honoured at the first safe point
+    instead of killing the process with status 143. `cli.start` calls it first thing; on
+    several hosts JAX's preemption notifier takes SIGTERM over at distributed init."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.sharding.Mesh,
@@ -209,7 +226,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
     trainer = build_trainer(cfg, mesh, task.loss_fn, task.boxed_params, task.init_params,
                             task.optimizer)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep)
-    state, _ = restore_or_init(trainer, ckpt, workdir)
+    ckpt.check_writable()
+    state, meta = restore_or_init(trainer, ckpt, workdir)
     workdir.write_config(cfg)  # only now: a run that cannot resume keeps its config.json
     start, t = int(state["step"]), cfg.train
     writer = MetricsWriter(workdir)
@@ -242,6 +260,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
         pending.clear()
         return values
 
+    def meta_at(step: int) -> dict:
+        return {"step": step, "data_step": step, "seed": cfg.seed, "data_seed": cfg.data.seed,
+                **task.extra_meta}
+
+    if start < t.steps and preemption.reached(start):  # SIGTERM during start-up
+        if not meta:  # a fresh state is worth keeping; a restored one is on disk already
+            ckpt.save(start, state["params"], state["opt_state"], meta_at(start), force=True)
+        ckpt.close()
+        writer.close()
+        progress.close()
+        logging.warning("SIGTERM during start-up: exiting before step %d", start)
+        return final, state["params"], True
+
     custom_step = task.make_step(trainer) if task.make_step is not None else None
     for step in range(start, t.steps):
         if custom_step is None:
@@ -252,6 +283,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
             with sharding.activation_sharding(mesh):
                 state, metrics = custom_step(state, step)
         pending.append((step + 1, metrics["loss"]))
+        ckpt.check()  # a failed asynchronous save stops the run now, not at the next save
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
             losses = check_losses()
@@ -277,9 +309,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
         stop = preemption.reached(done)
         if done % t.ckpt_every == 0 or done == t.steps or stop:
             check_losses()
-            meta = {"step": done, "data_step": done, "seed": cfg.seed, "data_seed": cfg.data.seed,
-                    **task.extra_meta}
-            ckpt.save(done, state["params"], state["opt_state"], meta,
+            ckpt.save(done, state["params"], state["opt_state"], meta_at(done),
                       eval_loss=last_eval if last_eval_step == done else None, force=stop)
             writer.flush()
         if stop:

@@ -10,11 +10,11 @@ from collections import defaultdict
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from gpt_jax import cli, model
 from gpt_jax import config as config_lib
-from gpt_jax import model
 
 
 def breakdown(cfg: ml_collections.ConfigDict) -> dict[str, int]:
@@ -44,4 +44,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-    app.run(main)
+    cli.run(main)

@@ -226,6 +226,12 @@ class Workdir:
             raise WorkdirError(f"{self} has no tokenizer (tokenizer.model, tokenizer.json or "
                                "vocab.json + merges.txt): sampling and evaluation need one; "
                                "copy it in or import the model with its tokenizer") from None
+        except (ValueError, KeyError, RuntimeError, UnicodeDecodeError) as e:  # damaged file
+            names = [n for n in ("tokenizer.model", "tokenizer.json", "vocab.json")
+                     if (self.path / n).exists()]
+            raise WorkdirError(f"{self / (names[0] if names else '')}: not a readable "
+                               f"tokenizer ({type(e).__name__}: {str(e)[:120]}); restore it "
+                               "from the run's data_dir/tokenizers") from None
 
     def save_tokenizer(self, tok: Any) -> None:
         if jax.process_index() == 0:

@@ -36,3 +36,40 @@ def run_python(args: list[str], env: dict | None = None, timeout: int = 600,
     full_env.update(env or {})
     return subprocess.run([sys.executable, *args], env=full_env, cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------- fault table
+# Rows recorded by tests/test_faults.py (in any xdist worker), printed once at the end.
+
+def pytest_configure(config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller; xdist workers inherit the env
+        import tempfile
+        os.environ["GPT_JAX_FAULT_DIR"] = tempfile.mkdtemp(prefix="gpt_jax_faults-")
+
+
+def record_fault(fault: str, promise: str, result: str) -> None:
+    """Adds a row to the fault table (called by a test once its promise held)."""
+    import hashlib
+    import json
+    directory = os.environ.get("GPT_JAX_FAULT_DIR")
+    if not directory:
+        return
+    name = hashlib.sha1(fault.encode()).hexdigest()[:12]
+    with open(os.path.join(directory, name + ".json"), "w") as f:
+        json.dump({"fault": fault, "promise": promise, "result": result}, f)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    import json
+    directory = os.environ.get("GPT_JAX_FAULT_DIR")
+    if hasattr(config, "workerinput") or not directory or not os.path.isdir(directory):
+        return
+    rows = sorted((json.load(open(os.path.join(directory, n))) for n in os.listdir(directory)),
+                  key=lambda r: r["fault"])
+    if not rows:
+        return
+    terminalreporter.section("fault injection: fault | promise | result")
+    terminalreporter.write_line("| fault | promise | result |")
+    terminalreporter.write_line("|---|---|---|")
+    for r in rows:
+        terminalreporter.write_line(f"| {r['fault']} | {r['promise']} | {r['result']} |")
