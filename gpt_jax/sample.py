@@ -602,6 +602,15 @@ def beam_flags(f: Any) -> BeamConfig | None:
     return beam if beam.num_beams > 1 else None
 
 
+def continuation(tok: Any, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text `new_ids` add after the prompt. Decoded together with the prompt, so a
+    tokenizer whose pieces carry the space at the end of a word (GPT-1's `</w>`) does not
+    glue the first new word to the prompt's last one."""
+    head = tok.decode(list(prompt_ids))
+    full = tok.decode(list(prompt_ids) + list(new_ids))
+    return full[len(head):] if full.startswith(head) else tok.decode(list(new_ids))
+
+
 def main(argv: list[str]) -> None:
     from absl import flags, logging
     del argv
@@ -628,8 +637,8 @@ def main(argv: list[str]) -> None:
             if beam is None else beam_generate(cfg.model, params, [ids for _, ids in rows],
                                                beam, f.max_new_tokens, tok.eot_id,
                                                tok.vocab_size)
-        shown = "".join(f"--- sample {i} ---\n{text}{tok.decode(new)}\n"
-                        for i, ((text, _), new) in enumerate(zip(rows, outs)))
+        shown = "".join(f"--- sample {i} ---\n{text}{continuation(tok, ids, new)}\n"
+                        for i, ((text, ids), new) in enumerate(zip(rows, outs)))
         print(shown, end="")
         if f.save:  # into the run: samples/step<step>-seed<seed>.txt
             path = run.workdir.write_text(f"{SAMPLES_DIR}/step{run.step}-seed{f.seed}.txt", shown)
@@ -641,7 +650,7 @@ def main(argv: list[str]) -> None:
         for outs in generate_stream(cfg.model, params, [ids], sampling, f.max_new_tokens,
                                     tok.eot_id, f.seed, f.stream_chunk, first_row=i,
                                     vocab=tok.vocab_size):
-            piece = tok.decode(outs[0])
+            piece = continuation(tok, ids, outs[0])
             sys.stdout.write(piece[len(shown):])
             sys.stdout.flush()
             shown = piece

@@ -141,3 +141,13 @@ def test_ftfy_when_installed(tok):
         "cafe \"quoted\" & don't fine")
     assert fixed.encode("cafÃ©") == fixed.encode("café") != T.GPT1Tokenizer(
         tok._vocab_bytes, tok._merges_bytes, use_ftfy=False).encode("cafÃ©")
+
+
+def test_sampled_continuation_keeps_the_word_break(tok):
+    """GPT-1's pieces carry the space at the end of a word: the sampler decodes the new
+    tokens together with the prompt, so they are not glued to the prompt's last word."""
+    from gpt_jax.sample import continuation
+    prompt, new = tok.encode("the value"), tok.encode("return self")
+    assert tok.decode(prompt + new) == "the value return self"
+    assert tok.decode(new) == "return self"  # on its own: no leading space
+    assert continuation(tok, prompt, new) == " return self"
