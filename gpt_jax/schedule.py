@@ -152,6 +152,6 @@ def define_flags() -> Any:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from gpt_jax import cli
     define_flags()
-    app.run(main)
+    cli.run(main)
