@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
-from conftest import REPO, run_python
-from test_sharding import device_env
+from conftest import run_python
+from test_sharding import finish, start_processes
 
 
 def _free_port() -> int:
@@ -49,36 +47,21 @@ cli.run(train.main)
 """
 
     def two(workdir, steps, script=None, term_after_rows=None):
-        port = _free_port()
         args = train_args(workdir, data, steps)
         args += ["--config.mesh.cpu_devices=1", "--config.train.ckpt_every=1000",
                  "--config.train.eval_every=1000", "--config.train.sample_tokens=0"]
-        env = dict(os.environ)
-        env.pop("XLA_FLAGS", None)
-        env.update(device_env(1))
-        head = ["-c", script] + args[2:] if script else args
-        procs = [subprocess.Popen([sys.executable, *head,
-                                   f"--coordinator_address=localhost:{port}",
-                                   "--num_processes=2", f"--process_id={i}"], cwd=REPO,
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for i in range(2)]
-        try:
-            if term_after_rows:
-                deadline = time.time() + 300
-                path = workdir / "metrics.jsonl"
-                while not (path.exists() and len(path.read_text().splitlines())
-                           >= term_after_rows):
-                    assert time.time() < deadline and procs[0].poll() is None
-                    time.sleep(0.2)
-                procs[1].send_signal(signal.SIGTERM)  # one host's preemption notice
-            outs = [p.communicate(timeout=400) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        for p, (_, err) in zip(procs, outs):
-            assert p.returncode == 0, err[-3000:]
-        return outs
+        procs = start_processes(["-c", script] + args[2:] if script else args, _free_port(),
+                                devices=1)
+        if term_after_rows:
+            deadline = time.time() + 300
+            path = workdir / "metrics.jsonl"
+            while not (path.exists() and len(path.read_text().splitlines()) >= term_after_rows):
+                if time.time() > deadline or procs[0].poll() is not None:
+                    finish(procs, timeout=10)
+                    raise AssertionError("the run ended before it logged enough rows")
+                time.sleep(0.2)
+            procs[1].send_signal(signal.SIGTERM)  # one host's preemption notice
+        return finish(procs)
 
     calls = []
     for steps in (4, 12):

@@ -122,27 +122,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_the_same_as_one(reference, tmp_path):
-    workdir = tmp_path / "multihost"
-    port = free_port()
-    args = ["-m", "gpt_jax.train", "--config=experiments/tiny.py:char", f"--workdir={workdir}",
-            f"--config.data.data_dir={reference['data_dir']}", "--config.mesh.model=2"]
-    args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+def start_processes(args: list[str], port: int, devices: int, n: int = 2
+                    ) -> list[subprocess.Popen]:
+    """`python args` as n processes of one jax.distributed run (gloo on CPU)."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    env.update(device_env(4))
-    procs = [subprocess.Popen([sys.executable, *args, f"--coordinator_address=localhost:{port}",
-                               "--num_processes=2", f"--process_id={i}"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
+    env.update(device_env(devices))
+    return [subprocess.Popen([sys.executable, *args, f"--coordinator_address=localhost:{port}",
+                              f"--num_processes={n}", f"--process_id={i}"],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for i in range(n)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: int = 400) -> list[tuple[str, str]]:
+    """Waits for every process; each must exit 0. Returns their (stdout, stderr)."""
     try:
-        outs = [p.communicate(timeout=400) for p in procs]
+        outs = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
+    return outs
+
+
+def test_two_processes_train_the_same_as_one(reference, tmp_path):
+    workdir = tmp_path / "multihost"
+    port = free_port()
+    args = ["-m", "gpt_jax.train", "--config=experiments/tiny.py:char", f"--workdir={workdir}",
+            f"--config.data.data_dir={reference['data_dir']}", "--config.mesh.model=2"]
+    args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    procs = start_processes(args, port, devices=4)
+    outs = finish(procs)
     losses = [r["loss"] for r in metrics.read_metrics(workdir) if "loss" in r]
     np.testing.assert_allclose(losses, reference["losses"]["8x1"], rtol=1e-5)
     np.testing.assert_allclose(losses, reference["losses"]["1dev"], rtol=1e-5)
