@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 from conftest import run_python
-from test_sharding import finish, start_processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_sharding import finish, free_port, start_processes
 
 
 def train_args(workdir, data_dir, steps):
@@ -50,7 +43,7 @@ cli.run(train.main)
         args = train_args(workdir, data, steps)
         args += ["--config.mesh.cpu_devices=1", "--config.train.ckpt_every=1000",
                  "--config.train.eval_every=1000", "--config.train.sample_tokens=0"]
-        procs = start_processes(["-c", script] + args[2:] if script else args, _free_port(),
+        procs = start_processes(["-c", script] + args[2:] if script else args, free_port(),
                                 devices=1)
         if term_after_rows:
             deadline = time.time() + 300
