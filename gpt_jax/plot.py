@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
-from gpt_jax import cli, metrics, model
+from gpt_jax import cli, metrics, model, reference
 from gpt_jax.workdir import Workdir
 
 WORKDIRS_ENV = "GPT_JAX_WORKDIRS"
@@ -207,6 +207,25 @@ def _loglog(ax: Axes) -> None:
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
 
 
+def plot_reference(curves: Curves, curve: dict[str, Any]) -> list[Series]:
+    """Overlays a pinned reference curve (`gpt_jax.reference.read`) on both loss panels,
+    training dashed and validation dotted, in black; returns (and adds) its lines."""
+    label = f"{curve['name']} reference"
+    added = []
+    for panel in ("loss", "loss_log"):
+        ax = curves.axes[panel]
+        for kind, x, y, style in (("train", curve["tokens"], curve["loss"], "--"),
+                                  ("val", curve["eval_tokens"], curve["eval_loss"], "x:")):
+            if len(y):
+                x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+                (line,) = ax.plot(x, y, style, color="black", alpha=0.7,
+                                  label=f"{label}{' val' if kind == 'val' else ''}")
+                added.append(Series(panel, label, kind, x, y, line))
+    curves.axes["loss"].legend(fontsize="small")
+    curves.series.extend(added)
+    return added
+
+
 # ---------------------------------------------------------------- scaling
 
 
@@ -282,6 +301,9 @@ def define_flags() -> None:
     flags.DEFINE_string("scaling_out", None, "If set, where to write the compute-scaling fit.")
     flags.DEFINE_enum("params", "non_embedding", list(PARAM_COUNTS),
                       "N in C = 6ND for the scaling fit.")
+    flags.DEFINE_list("reference", [], "Pinned reference curves to overlay, dashed: names "
+                      "(`python -m gpt_jax.reference`, e.g. gpt2:small), JSON paths, or "
+                      "'auto' (each run's own, if it has the reference's size).")
     flags.mark_flags_as_required(["workdirs"])
     flags.FLAGS.set_default("verbosity", logging.WARNING)
 
@@ -290,8 +312,16 @@ def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
     runs = load_runs(f.workdirs)
-    save_figure(plot_curves(runs).figure, f.out)
-    print(f"wrote {f.out}: {', '.join(r.label for r in runs)}")
+    curves = plot_curves(runs)
+    names = [n for n in f.reference if n != "auto"]
+    if "auto" in f.reference:
+        names += [n for n in map(reference.for_run, (r.config for r in runs))
+                  if n and n not in names]
+    for name in names:
+        plot_reference(curves, reference.read(name))
+    save_figure(curves.figure, f.out)
+    print(f"wrote {f.out}: {', '.join(r.label for r in runs)}"
+          + (f"; reference curves {', '.join(names)}" if names else ""))
     if f.scaling_out:
         scaling = plot_scaling(runs, f.params)
         save_figure(scaling.figure, f.scaling_out)
@@ -304,4 +334,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main)
+    cli.run(main, errors=(reference.ReferenceError,))
