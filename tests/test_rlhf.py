@@ -199,7 +199,12 @@ def test_sft_reward_ppo_chain_with_held_out_evaluation(world, tmp_path):
     assert evals[0]["ema_eval_kl"] == pytest.approx(0.0, abs=1e-4)
     for key in ("ended", "well_formed"):
         assert all(0 <= r[f"eval_{key}"] <= 1 for r in evals)
-    assert evals[1]["eval_kl"] > 0 and evals[1]["eval_target_count"] >= 0
+    # The policy moved (a sampled KL estimate: either sign).
+    assert evals[1]["eval_kl"] != pytest.approx(0.0, abs=1e-3)
+    e = evals[1]  # eval_loss: -(penalised score - beta KL), :tiny's beta 3 and penalty 10
+    want = -(e["eval_reward"] - 10.0 * (1.0 - e["eval_ended"]) - 3.0 * e["eval_kl"])
+    assert e["eval_loss"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert e["eval_target_count"] >= 0
     assert os.path.isdir(tmp_path / "ppo" / "policy" / "checkpoints")
     assert os.path.isdir(tmp_path / "ppo" / "policy_ema" / "checkpoints")
 
@@ -279,11 +284,15 @@ def _exported(workdir, name):
 
 def test_ppo_resumes_exactly_after_sigkill(world, tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    done = run_python(_ppo_args(world, straight))
+    # The three processes share compiled steps through JAX's persistent cache (CI time).
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    done = run_python(_ppo_args(world, straight), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    killed = run_python(["-c", KILL_AT_3] + _ppo_args(world, resumed)[2:])
+    killed = run_python(["-c", KILL_AT_3] + _ppo_args(world, resumed)[2:], env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    again = run_python(_ppo_args(world, resumed))
+    again = run_python(_ppo_args(world, resumed), env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from step 2" in again.stdout
     a = {r["step"]: r for r in metrics.read_metrics(straight) if "loss" in r}
@@ -311,9 +320,10 @@ def test_ppo_resumes_exactly_after_sigkill(world, tmp_path):
 
 def _ppo_config(world, **ppo_fields):
     cfg = experiment("rlhf/ppo", "tiny")
-    cfg.ppo.update(dict(prompts_jsonl=world["return_prompts"], reward="target_token_fraction",
-                        target_token="x", eval_prompts_jsonl="", max_prompt_len=32,
-                        response_len=8, **ppo_fields))
+    cfg.ppo.update({**dict(prompts_jsonl=world["return_prompts"],
+                           reward="target_token_fraction", target_token="x",
+                           eval_prompts_jsonl="", max_prompt_len=32, response_len=8),
+                    **ppo_fields})
     return cfg
 
 
@@ -332,7 +342,7 @@ def test_ppo_bad_input_is_one_line_before_compiling(world, tmp_path):
     long.write_text(json.dumps({"prompt": "def f(x):\n    return x\n" * 3}) + "\n")
     _one_line_error(ppo.train_ppo, _ppo_config(world, eval_prompts_jsonl=str(long)),
                     world["pre"], str(tmp_path / "b"),
-                    match=r"ppo\.eval_prompts_jsonl=.*long\.jsonl.*prompt 1 has \\d+ tokens.*"
+                    match=r"ppo\.eval_prompts_jsonl=.*long\.jsonl.*prompt 1 has \d+ tokens.*"
                           r"ppo\.max_prompt_len=32")
     # A reward model on another base model (here: another vocabulary).
     rm = Workdir(tmp_path / "rm")
