@@ -18,7 +18,6 @@ import numpy as np
 
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
-from gpt_jax.config import ConfigError
 from gpt_jax.workdir import Workdir
 
 
@@ -64,9 +63,3 @@ def stage_config(cfg: ml_collections.ConfigDict, init_from: str) -> ml_collectio
     if "ppo" not in cfg or cfg.ppo.ptx_data == "init":
         cfg.data = pre.data
     return cfg
-
-
-def check_same_tokenizer(a: str, b: str) -> None:
-    """Raises unless workdirs `a` and `b` hold the same vocabulary."""
-    if Workdir(a).tokenizer().fingerprint != Workdir(b).tokenizer().fingerprint:
-        raise ConfigError(f"workdirs {a!r} and {b!r} use different tokenizers")
