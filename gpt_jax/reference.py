@@ -549,6 +549,10 @@ def _worker(names: Sequence[str], root: str, out: str) -> None:
         print(f"{ref.name}: trained, final loss {curve['loss'][-1]:.4f}", flush=True)
 
     run_all(names, root, save)
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"worker: {len(order(names))} references in {usage.ru_utime + usage.ru_stime:.0f} s "
+          "of CPU", flush=True)
 
 
 def fresh_curves(names: Sequence[str], root: str, jobs: int) -> dict[str, dict]:
