@@ -463,9 +463,10 @@ def make_task(cfg: ml_collections.ConfigDict, value_cfg: ml_collections.ConfigDi
     def evaluate(params: Any) -> dict[str, float]:
         if held_out is None:
             return {}
-        out = evaluate_policy(params["policy"], "eval_")
-        if "ema" in params:
-            out.update(evaluate_policy(params["ema"], "ema_eval_"))
+        with sharding.activation_sharding(mesh):  # as in training: the same compiled steps
+            out = evaluate_policy(params["policy"], "eval_")
+            if "ema" in params:
+                out.update(evaluate_policy(params["ema"], "ema_eval_"))
         return out
 
     return loop.Task(loss_fn=None, batch=None, evaluate=evaluate,
