@@ -468,7 +468,7 @@ def version_warning(pinned: dict, now: dict[str, str]) -> str | None:
 def compare(pinned: dict, fresh: dict, rtol: float = RTOL, atol: float = ATOL) -> str | None:
     """None if `fresh` matches `pinned`, else one line naming the config and first step
     that moved. Warns (one line) when the pinned file came from other versions."""
-    message = version_warning(pinned, fresh.get("versions", versions()))
+    message = version_warning(pinned, fresh["versions"] if "versions" in fresh else versions())
     if message:
         warnings.warn(message, stacklevel=2)
     name = pinned["name"]
