@@ -234,7 +234,7 @@ def test_ppo_raises_a_programmatic_reward_and_ptx_limits_drift(world, tmp_path):
     assert ptx_last[0.5] < ptx_last[0.0] - 0.2, ptx_last
 
 
-# SIGKILL during iteration 3, once the (asynchronous) iteration-2 checkpoint is on disk.
+# SIGKILL during iteration 3, once the (asynchronous) iteration-2 checkpoint is committed.
 KILL_AT_3 = """
 import os, signal, sys, time
 from gpt_jax import cli, loop
@@ -247,9 +247,10 @@ def run_and_kill(cfg, wd, mesh, task):
         step = make(trainer)
         def killing(state, it):
             if it == 3:
+                done = os.path.join(workdir, "checkpoints", "2", "commit_success.txt")
                 deadline = time.time() + 120
-                while not os.path.isdir(os.path.join(workdir, "checkpoints", "2")):
-                    assert time.time() < deadline, "checkpoint 2 never appeared"
+                while not os.path.exists(done):
+                    assert time.time() < deadline, "checkpoint 2 never completed"
                     time.sleep(0.1)
                 os.kill(os.getpid(), signal.SIGKILL)
             return step(state, it)
