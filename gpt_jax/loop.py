@@ -47,9 +47,9 @@ class Task:
     `evaluate(params)` returns metrics, including `eval_loss` when it has one.
     """
 
-    loss_fn: steps.LossFn
-    batch: Callable[[int], Any]
     evaluate: Callable[[Any], dict[str, float]]
+    loss_fn: steps.LossFn | None = None  # default: the GPT's next-token loss
+    batch: Callable[[int], Any] | None = None  # required unless `make_step` is given
     boxed_params: Any = None  # abstract params with logical axes; default: the GPT's
     # (rng, param shardings) -> params laid out on those shardings, called eagerly
     # (it may restore a pretrained checkpoint); default: a fresh GPT, initialised sharded.

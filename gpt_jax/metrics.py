@@ -101,8 +101,9 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All rows of a run's metrics.jsonl, local or gs:// (a resumed run's repeated steps:
-    last wins; a line still being written is skipped)."""
+    """All rows of a run's metrics.jsonl, local or gs://: a row repeated by a resumed run
+    (same step, same keys) keeps its last value; rows of one step with different keys
+    (training, evaluation) are all kept; a line still being written is skipped."""
     rows: dict[tuple, dict] = {}
     try:
         text = Workdir(workdir).read_text(METRICS_FILE)
@@ -114,5 +115,5 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a run still writing
-        rows[(row["step"], "eval_loss" in row)] = row
+        rows[(row["step"], tuple(sorted(row)))] = row  # a rerun step: same keys, last wins
     return sorted(rows.values(), key=lambda r: r["step"])

@@ -469,7 +469,7 @@ def make_task(cfg: ml_collections.ConfigDict, value_cfg: ml_collections.ConfigDi
                 out.update(evaluate_policy(params["ema"], "ema_eval_"))
         return out
 
-    return loop.Task(loss_fn=None, batch=None, evaluate=evaluate,
+    return loop.Task(evaluate=evaluate,
                      boxed_params=boxed_params(cfg, value_cfg), init_params=init_params,
                      optimizer=per_key(optimizers(cfg)), make_step=make_step,
                      tokens_per_step=p.rollout_batch * p.response_len,
