@@ -26,6 +26,7 @@ def get_config(size: str = "small"):
     m.vocab_size, m.context = 50257, 1024
     m.n_layer, m.n_head, m.d_model, m.d_ff = n_layer, n_head, d_model, 4 * d_model
     m.norm = "pre"
+    m.dtype = "bfloat16"  # compute on accelerators; params and Adam state stay float32
     o = cfg.optim
     o.schedule, o.peak_lr, o.warmup_steps, o.final_lr_frac = "cosine", lr, 2000, 0.1
     cfg.train.batch_size = 512

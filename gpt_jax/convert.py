@@ -155,6 +155,7 @@ def config_from_hf(hf: dict, workdir: str, scan_layers: bool = False,
     m.resid_pdrop = float(hf.get("resid_pdrop", 0.1))
     m.attn_pdrop = float(hf.get("attn_pdrop", 0.1))
     m.norm, m.attention_pattern, m.scan_layers = arch.norm, "dense", scan_layers
+    m.dtype = "float32"  # an import computes as the original did (fine-tune: override it)
     if released != (m.vocab_size, m.context, m.n_layer, m.d_model, m.n_head):
         cfg.name = f"{arch.tokenizer}-hf-{m.n_layer}x{m.d_model}"
     if has_tokenizer:
