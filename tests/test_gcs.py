@@ -194,6 +194,8 @@ def test_tensorboard_reads_the_bucket(runs):
     code = f"""
 import sys
 sys.modules["tensorflow"] = None  # TensorBoard's stub filesystem: fsspec -> gcsfs
+from gpt_jax.workdir import configure_storage
+configure_storage()  # the emulator settings gpt_jax uses (anonymous, no GCE probe)
 from tensorboard.backend.event_processing import event_accumulator
 acc = event_accumulator.EventAccumulator("{RUN}/tb")
 acc.Reload()
