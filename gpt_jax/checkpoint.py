@@ -17,7 +17,6 @@ checkpoint that verifies and restores, moving a damaged one aside to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from gpt_jax.workdir import Workdir, atomic_write_bytes, describe_error
+from gpt_jax.workdir import Workdir, atomic_write_bytes, describe_error, file_sha256, probe_writable
 
 
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
@@ -63,11 +62,7 @@ def file_checksums(step_dir: str | os.PathLike) -> dict[str, str]:
     root = epath.Path(step_dir)
     sums = {}
     for path in _files(root):
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 24), b""):
-                digest.update(block)
-        sums[os.fspath(path)[len(os.fspath(root)) + 1:]] = digest.hexdigest()
+        sums[os.fspath(path)[len(os.fspath(root)) + 1:]] = file_sha256(path)
     return sums
 
 
@@ -96,13 +91,8 @@ class Checkpointer:
 
     def check_writable(self) -> None:
         """Fails before any compile when checkpoints could not be written."""
-        if jax.process_index() != 0:
-            return
-        probe = epath.Path(self.directory) / ".gpt_jax_write_probe"
         try:
-            epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
-            probe.write_text("ok")
-            probe.unlink()
+            probe_writable(self.directory)
         except Exception as e:  # noqa: BLE001 - any client's failure becomes one line
             raise CheckpointError(f"{describe_error(self.directory, e)}: checkpoints cannot "
                                   "be written there; fix its permissions or use another "

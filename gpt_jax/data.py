@@ -53,7 +53,7 @@ import numpy as np
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.config import ConfigError
 from gpt_jax.tokenizer import Tokenizer
-from gpt_jax.workdir import atomic_write_bytes
+from gpt_jax.workdir import atomic_write_bytes, file_sha256
 
 SPLITS = ("train", "val")
 SPLIT_NAMES = {"train": "training", "val": "validation"}
@@ -471,14 +471,6 @@ def local_cache_dir(cfg: ml_collections.ConfigDict, remote_dir: str) -> str:
     return os.path.join(root, "tokens", f"{os.path.basename(remote_dir.rstrip('/'))}-{key}")
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(functools.partial(f.read, 1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def stage_split(remote_dir: str, local_dir: str, split: str, tok: Tokenizer,
                 explicit: bool) -> bool:
     """Copies a complete split of the gs:// `remote_dir` into `local_dir` for the memmap
@@ -517,7 +509,7 @@ def stage_split(remote_dir: str, local_dir: str, split: str, tok: Tokenizer,
     try:
         with source.open("rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 24)
-        if manifest.get("sha256") and _file_sha256(tmp) != manifest["sha256"]:
+        if manifest.get("sha256") and file_sha256(tmp) != manifest["sha256"]:
             raise ConfigError(f"{source}: its content does not match the sha256 in {where}; "
                               "rebuild that token directory")
         os.replace(tmp, target)

@@ -244,9 +244,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
     def tokens(steps: int) -> int:  # actually consumed: GPT-3's batch ramp shrinks early steps
         return task.tokens_per_step * optim.microbatches_consumed(cfg, steps) // t.microbatches
 
-    if start == 0 and t.get("eval_at_start", True):  # curves start at the init loss (nanoGPT)
-        writer.write(0, {**task.evaluate(state["params"]), "tokens": 0})
-        tic = time.perf_counter()
 
     def check_losses() -> list[float]:
         values = [float(v) for _, v in pending]
@@ -272,6 +269,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
         progress.close()
         logging.warning("SIGTERM during start-up: exiting before step %d", start)
         return final, state["params"], True
+
+    if start == 0 and t.get("eval_at_start", True):  # curves start at the init loss (nanoGPT)
+        writer.write(0, {**task.evaluate(state["params"]), "tokens": 0})
+        tic = time.perf_counter()
 
     custom_step = task.make_step(trainer) if task.make_step is not None else None
     for step in range(start, t.steps):

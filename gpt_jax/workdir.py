@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import tempfile
@@ -99,6 +100,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file (local or gs://), read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def probe_writable(directory: str | os.PathLike) -> None:
+    """Creates `directory` and writes and deletes a small file in it (process 0 only);
+    raises what the storage client raised."""
+    if jax.process_index() != 0:
+        return
+    path = epath.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / _PROBE
+    probe.write_text("ok")
+    probe.unlink()
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -187,13 +209,8 @@ class Workdir:
     def check_writable(self) -> None:
         """Fails fast, before any compile, when the run directory cannot be written: a
         missing bucket, an unreachable endpoint, missing credentials, a read-only folder."""
-        if jax.process_index() != 0:
-            return
-        probe = self.path / _PROBE
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe.write_text("ok")
-            probe.unlink()
+            probe_writable(self.path)
         except Exception as e:  # noqa: BLE001
             raise WorkdirError(describe_error(self.path, e)) from e
 
