@@ -106,9 +106,42 @@ def base_config() -> ml_collections.ConfigDict:
     d.tfds_text_feature = "text"
     d.tfds_data_dir = ""
     d.tfds_max_docs = 0  # 0 = all documents
-    d.data_dir = "data"  # token files and tokenizer models live here (local or gs://)
-    d.cache_dir = ""  # where gs:// token files are staged ('' = ~/.cache/gpt_jax)
-    d.token_dir = ""  # explicit token directory; default <data_dir>/tokens/<source-tokenizer>
+    d.hf_path = ""  # 'hf': a builder ('json', 'parquet') or a hub name ('HuggingFaceFW/fineweb')
+    d.hf_name = ""  # 'hf': the dataset's config name, if it has several
+    d.hf_split = "train"
+    d.hf_data_files = ""  # 'hf': comma-separated local globs for 'json'/'parquet'/'text'
+    d.hf_text_field = "text"
+    d.hf_max_docs = 0  # 0 = all documents
+    d.data_dir = "data"  # token stores and tokenizer models live here (local or gs://)
+    d.token_dir = ""  # explicit store of the in-process path; default <data_dir>/tokens/<key>
+    # A token store written by `python -m gpt_jax.prepare` (local or gs://): training reads
+    # it by random access instead of tokenizing in-process (README "Data at scale").
+    d.store = ""
+    d.shard_tokens = 1 << 26  # tokens per store shard (128 MiB of uint16)
+    d.prefetch = 2  # batches computed ahead of the step on background threads (0 = off)
+    # Several named sources (name -> `data` fields that differ, e.g. source/text_glob/hf_*),
+    # prepared into one store; {} = the one source `data.source`.
+    d.sources = ml_collections.ConfigDict()
+    # Name -> weight: each training batch draws rows from the store's sources in these
+    # proportions (GPT-3 Table 2.2); {} = the store's only source.
+    d.mixture = ml_collections.ConfigDict()
+    # GPT-3 Appendix A's filters (`python -m gpt_jax.prepare` only; data.dedup, data.quality).
+    d.dedup = dd = ml_collections.ConfigDict()
+    dd.exact = False  # drop documents whose normalized text repeats (sha1)
+    dd.fuzzy = False  # MinHash LSH over word shingles (Spark MinHashLSH, 10 hashes)
+    dd.ngram, dd.num_perm, dd.bands, dd.rows = 5, 10, 10, 1
+    # Jaccard similarity of 5-gram shingle sets at or above which docs are duplicates: a copy
+    # with 3-5% of its words changed scores 0.59-0.72 (tests/test_dedup.py); GPT-3 gives none.
+    dd.threshold = 0.5
+    dd.max_bucket = 1000  # LSH buckets larger than this are skipped (boilerplate)
+    d.quality = q = ml_collections.ConfigDict()
+    q.enabled = False
+    q.sources = ""  # comma-separated sources to filter ('' = every source)
+    q.reference_sources = ""  # label 1: high-quality text (WebText, Wikipedia, books)
+    q.raw_sources = ""  # label 0: unfiltered text (Common Crawl)
+    q.max_train_docs = 20_000  # per class, a seeded sample of the training split
+    q.num_features_log2 = 18  # hashed word features (Spark HashingTF)
+    q.alpha = 9.0  # keep a doc iff np.random.pareto(alpha) > 1 - score
     d.val_fraction = 0.05
     d.tokenizer = "sentencepiece"
     d.tokenizer_path = ""  # 'file': a sentencepiece .model; 'gpt2': dir with vocab.json, merges.txt

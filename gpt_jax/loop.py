@@ -26,6 +26,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from gpt_jax import checkpoint as ckpt_lib
+from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax import optim, sharding, steps
 from gpt_jax.flops import device_peak_flops
@@ -275,9 +276,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
         tic = time.perf_counter()
 
     custom_step = task.make_step(trainer) if task.make_step is not None else None
+    # The next batches are read on background threads while this step runs.
+    local_batches = (data_lib.prefetch(task.batch, start, t.steps, cfg.data.get("prefetch", 0))
+                     if custom_step is None else None)
     for step in range(start, t.steps):
         if custom_step is None:
-            batch = global_batch(task.batch(step), mesh)
+            batch = global_batch(next(local_batches), mesh)
             state, metrics = trainer.train_step(state, batch, rng,
                                                 optim.microbatches_at(cfg, step))
         else:

@@ -25,7 +25,8 @@ from gpt_jax.flops import flops_per_token
 from gpt_jax.workdir import Workdir
 
 
-def step_windows(cfg: ml_collections.ConfigDict, tokens: np.ndarray, step: int) -> np.ndarray:
+def step_windows(cfg: ml_collections.ConfigDict, corpus: data_lib.Corpus,
+                 step: int) -> np.ndarray:
     """This host's M x b_local x (T+1) windows of `step`.
 
     Microbatch m of step s is the data pipeline's batch number s * M + m, so the
@@ -33,30 +34,38 @@ def step_windows(cfg: ml_collections.ConfigDict, tokens: np.ndarray, step: int) 
     """
     m = cfg.train.microbatches
     return np.stack([
-        data_lib.train_batch(tokens, seed=cfg.data.seed, step=step * m + i,
-                             global_batch=cfg.train.batch_size // m, context=cfg.model.context,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count())
+        corpus.batch(seed=cfg.data.seed, step=step * m + i,
+                     global_batch=cfg.train.batch_size // m, context=cfg.model.context,
+                     process_index=jax.process_index(), process_count=jax.process_count())
         for i in range(m)])
 
 
 def make_evaluate(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                   corpus: data_lib.Corpus) -> Any:
-    """params -> {eval_loss, eval_ppl, eval_bpb} over fixed validation windows."""
+    """params -> {eval_loss, eval_ppl, eval_bpb} over fixed validation windows; a mixture
+    also reports each source's `eval_loss/<name>` and the weighted mean as eval_loss."""
     eval_step = jax.jit(steps.make_eval_step(cfg.model))
-    bytes_per_token = corpus.bytes_per_token("val")
 
-    def evaluate(params: Any) -> dict[str, float]:
+    def source_loss(params: Any, name: str) -> float:
         total, count = 0.0, 0.0
         for local in data_lib.eval_batches(
-                corpus.val, global_batch=cfg.train.batch_size // cfg.train.microbatches,
+                corpus.tokens("val", name),
+                global_batch=cfg.train.batch_size // cfg.train.microbatches,
                 context=cfg.model.context, num_batches=cfg.train.eval_batches,
                 process_index=jax.process_index(), process_count=jax.process_count()):
             s, c = eval_step(params, sharding.host_local_to_global(local, mesh))
             total, count = total + float(s), count + float(c)
-        loss = total / max(count, 1.0)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
-                "eval_bpb": loss / math.log(2) / bytes_per_token}
+        return total / max(count, 1.0)
+
+    def evaluate(params: Any) -> dict[str, float]:
+        losses = {name: source_loss(params, name) for name in corpus.names}
+        loss = sum(corpus.weights[n] * v for n, v in losses.items())
+        bpb = sum(corpus.weights[n] * v / math.log(2) / corpus.bytes_per_token("val", n)
+                  for n, v in losses.items())
+        out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_bpb": bpb}
+        if len(losses) > 1:
+            out.update({f"eval_loss/{n}": v for n, v in losses.items()})
+        return out
 
     return evaluate
 
@@ -72,12 +81,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"{cfg.name}: {model_lib.count_params(model_lib.abstract_params(cfg.model)):,} "
               f"params; mesh {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} of "
               f"{mesh.size} {mesh.devices.flat[0].platform} devices; "
-              f"{len(corpus.train):,} training tokens; unigram entropy "
+              f"{sum(len(corpus.tokens('train', n)) for n in corpus.names):,} training "
+              f"tokens; unigram entropy "
               f"{data_lib.unigram_entropy(corpus.val, corpus.tokenizer.vocab_size):.3f} nats "
               f"(validation loss of a model that ignores context)")
     task = loop.Task(
         loss_fn=steps.lm_loss_fn(cfg.model),
-        batch=lambda step: step_windows(cfg, corpus.train, step),
+        batch=lambda step: step_windows(cfg, corpus, step),
         evaluate=make_evaluate(cfg, mesh, corpus),
         tokens_per_step=cfg.train.batch_size * cfg.model.context,
         flops_per_token=flops_per_token(cfg.model))

@@ -88,7 +88,9 @@ def test_stdlib_corpus_prepared(stdlib_corpus):
         assert m["dtype"] == "uint16" and m["tokenizer"]["fingerprint"] == tok.fingerprint
         assert m["num_tokens"] == len(corpus.tokens(split)) > 0
         assert m["num_docs"] > 0 and m["source"]["source"] == "stdlib"
-        assert m == json.loads(_read(os.path.join(corpus.directory, f"{split}.json")))
+        stored = json.loads(_read(os.path.join(corpus.directory, "manifest.json")))
+        assert stored["sources"]["stdlib"]["splits"][split] == {
+            k: m[k] for k in ("num_tokens", "num_docs", "num_bytes", "shards")}
         assert corpus.bytes_per_token(split) == m["num_bytes"] / m["num_tokens"]
     assert corpus.manifests["train"]["num_bytes"] > 10_000_000  # tens of MB
     assert corpus.manifests["val"]["num_docs"] < corpus.manifests["train"]["num_docs"]
@@ -102,7 +104,8 @@ def test_stdlib_corpus_prepared(stdlib_corpus):
 
 def test_prepare_reuses_token_files(stdlib_corpus):
     cfg, corpus = stdlib_corpus
-    bins = [os.path.join(corpus.directory, f"{s}.bin") for s in ("train", "val")]
+    bins = [os.path.join(corpus.directory, s["file"]) for split in ("train", "val")
+            for s in corpus.manifests[split]["shards"]]
     mtimes = [os.stat(p).st_mtime_ns for p in bins]
     again = data.prepare(cfg)
     assert again.directory == corpus.directory
@@ -138,14 +141,14 @@ def test_half_written_split_is_rebuilt(tmp_path, text_dir):
     cfg = _cfg(tmp_path, source="text", text_glob=str(text_dir / "*.txt"), tokenizer="char")
     corpus = data.prepare(cfg)
     expected = np.array(corpus.val)
-    val_bin = os.path.join(corpus.directory, "val.bin")
-    with open(val_bin, "r+b") as f:  # a killed run's truncated file under a complete manifest
+    val_bin = os.path.join(corpus.directory, corpus.manifests["val"]["shards"][0]["file"])
+    with open(val_bin, "r+b") as f:  # a killed run's truncated shard, no manifest yet
         f.truncate(10)
-    os.remove(os.path.join(corpus.directory, "train.json"))  # killed before the manifest
+    os.remove(os.path.join(corpus.directory, "manifest.json"))  # killed before the manifest
     again = data.prepare(cfg)
     np.testing.assert_array_equal(again.val, expected)
     np.testing.assert_array_equal(again.train, corpus.train)
-    assert not [n for n in os.listdir(corpus.directory) if ".tmp" in n]
+    assert not [n for _, _, files in os.walk(corpus.directory) for n in files if ".tmp" in n]
 
 
 def test_uint32_for_large_vocabularies(tmp_path):

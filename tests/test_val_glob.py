@@ -10,6 +10,7 @@ from conftest import tiny_config
 
 from gpt_jax import data
 from gpt_jax.config import ConfigError, validate
+from gpt_jax.data import sources
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_hash_split_does_not_depend_on_the_spelling(corpus):
     assert 0 < len(splits[0]["val"]) < 40 and len(splits[0]["train"]) + len(
         splits[0]["val"]) == 40
     # relative to the root: the same split as hashing 'a/docN.txt' directly
-    rel = sorted(os.path.relpath(p, "corpus") for p in data._glob_files("corpus/**/*.txt"))
+    rel = sorted(os.path.relpath(p, "corpus") for p in sources._glob_files("corpus/**/*.txt"))
     want = [f"document {r.split('doc')[1][:-4]}\n"
             for r, s in zip(rel, data.assign_splits(rel, 0.25)) if s == "val"]
     assert splits[0]["val"] == sorted(want)

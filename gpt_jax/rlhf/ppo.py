@@ -349,10 +349,9 @@ def ptx_windows(corpus: data_lib.Corpus | None, cfg: ml_collections.ConfigDict, 
     """Update number `update`'s pretraining windows (ptx_batch_size x ptx_context + 1)."""
     if corpus is None:
         return None
-    local = data_lib.train_batch(corpus.train, seed=cfg.data.seed, step=update,
-                                 global_batch=cfg.ppo.ptx_batch_size,
-                                 context=cfg.ppo.ptx_context, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+    local = corpus.batch(seed=cfg.data.seed, step=update, global_batch=cfg.ppo.ptx_batch_size,
+                         context=cfg.ppo.ptx_context, process_index=jax.process_index(),
+                         process_count=jax.process_count())
     return sharding.host_local_to_global(local, mesh)
 
 

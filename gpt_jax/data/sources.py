@@ -1,0 +1,349 @@
+"""Where documents come from, and which split each belongs to.
+
+Sources (`data.source`, or one entry of `data.sources` per named source of a mixture):
+- 'stdlib': the `.py` files of the running interpreter's standard library
+  (`sysconfig.get_paths()['stdlib']`), `site-packages`/`dist-packages` skipped, test
+  directories kept (about 1800 files, ~34 MB on CPython 3.11). Files that are not valid
+  UTF-8 (a few deliberate encoding tests) are skipped.
+- 'text': local files matched by `data.text_glob` (recursive `**` allowed), read as UTF-8.
+- 'tfds': a TFDS text dataset (`data.tfds_*`).
+- 'hf': a Hugging Face `datasets` dataset (`data.hf_*`): a builder name such as 'json' or
+  'parquet' with local `data.hf_data_files`, or a hub name where a network exists; read in
+  streaming mode, so nothing is copied into an Arrow cache first.
+
+File sources are split into train/validation by a stable hash (sha1) of each file's path
+relative to its root (the stdlib for 'stdlib'; for 'text' the glob's leading directories, so
+`text/*.txt` and `/abs/path/text/*.txt` split alike) against `data.val_fraction`; both splits
+are guaranteed non-empty. With `data.val_glob` the 'text' validation files are named instead.
+Record sources ('tfds' without `tfds_val_split`, 'hf') split by the hash of the record index.
+
+Each document has an index (its position in the source's fixed order), so the in-process
+tokenizer and the Beam pipeline (`data.pipeline`) write the same tokens in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import sysconfig
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from gpt_jax.config import ConfigError
+
+SPLITS = ("train", "val")
+SPLIT_NAMES = {"train": "training", "val": "validation"}
+SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+SOURCE_KINDS = ("stdlib", "text", "tfds", "hf")
+
+
+# ---------------------------------------------------------------------------- splits
+
+
+def hash_fraction(key: str) -> float:
+    """A stable number in [0, 1) for `key` (sha1), independent of Python's hash seed."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) / float(1 << 160)
+
+
+def assign_splits(keys: Sequence[str], val_fraction: float) -> list[str]:
+    """'val' for keys whose hash fraction is below `val_fraction`, else 'train'.
+
+    If that leaves a split empty, the key with the smallest (for 'val') or largest (for
+    'train') hash moves over, so both splits are non-empty whenever there are 2+ keys.
+    """
+    if len(keys) < 2:
+        raise ValueError(f"need at least 2 documents to make a train and a validation split, "
+                         f"got {len(keys)}")
+    fractions = [hash_fraction(k) for k in keys]
+    splits = ["val" if f < val_fraction else "train" for f in fractions]
+    if "val" not in splits:
+        splits[int(np.argmin(fractions))] = "val"
+    if "train" not in splits:
+        splits[int(np.argmax(fractions))] = "train"
+    return splits
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the documents come from.
+
+    `description` is JSON-able and identifies the corpus (it keys the cache directories);
+    `docs(split)` yields the split's documents in a fixed order; `sample(max_chars)` yields
+    training documents in a seeded order for tokenizer training (0: all of them).
+    """
+
+    description: dict[str, Any]
+    docs: Callable[[str], Iterator[str]]
+    sample: Callable[[int], Iterator[str]]
+    # files of each split that `docs` skipped (not UTF-8), filled in as it reads
+    skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # file sources: (absolute path, split) of every document in order, so a distributed
+    # reader can fan out over files; None for record sources, read in one sequence
+    files: list[tuple[str, str]] | None = None
+
+    @property
+    def key(self) -> str:
+        """Short stable name: '<source>-<sha1 of the description>'."""
+        blob = json.dumps(self.description, sort_keys=True).encode()
+        return f"{self.description['source']}-{hashlib.sha1(blob).hexdigest()[:10]}"
+
+
+def read_text(path: str) -> str | None:
+    """The file's text as UTF-8, or None if it is not valid UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def stdlib_files(root: str) -> list[str]:
+    """Sorted paths (relative to `root`) of the `.py` files of a stdlib tree, no site-packages."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        for name in filenames:
+            if name.endswith(".py"):
+                out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def _files_digest(root: str, rel_paths: Sequence[str]) -> str:
+    """sha1 over (path, size, mtime) of the files, so edited corpora get new cache keys."""
+    h = hashlib.sha1()
+    for rel in rel_paths:
+        st = os.stat(os.path.join(root, rel))
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def file_source(description: dict[str, Any], root: str, rel_paths: Sequence[str],
+                val_fraction: float, seed: int, val_paths: Sequence[str] | None = None
+                ) -> Source:
+    """A source of text files split by the hash of their relative path, or with `val_paths`
+    (some of `rel_paths`) as the validation split."""
+    paths = sorted(rel_paths)
+    if val_paths is None:
+        splits = assign_splits(paths, val_fraction)
+    else:
+        named = set(val_paths)
+        splits = ["val" if p in named else "train" for p in paths]
+    by_split = {s: [p for p, sp in zip(paths, splits) if sp == s] for s in SPLITS}
+    description = dict(description, files=len(paths), digest=_files_digest(root, paths))
+    if val_paths is None:
+        description["val_fraction"] = val_fraction
+
+    skipped: dict[str, list[str]] = {}
+
+    def docs_of(rels: Iterable[str], split: str | None = None) -> Iterator[str]:
+        bad = []
+        for rel in rels:
+            text = read_text(os.path.join(root, rel))
+            if text is None:
+                bad.append(os.path.join(root, rel))
+            else:
+                yield text
+        if split is not None:
+            skipped[split] = bad
+            if bad:
+                print(f"warning: skipped {len(bad)} of {len(by_split[split])} files of the "
+                      f"{SPLIT_NAMES[split]} split that are not UTF-8 text, e.g. "
+                      f"{', '.join(bad[:3])}", file=sys.stderr)
+
+    def sample(max_chars: int) -> Iterator[str]:
+        train = by_split["train"]
+        order = np.random.default_rng(seed).permutation(len(train)) if max_chars else None
+        rels = train if order is None else [train[i] for i in order]
+        return docs_of(rels)
+
+    files = [(os.path.join(root, p), s) for p, s in zip(paths, splits)]
+    return Source(description, lambda split: docs_of(by_split[split], split), sample, skipped,
+                  files)
+
+
+def stdlib_source(val_fraction: float, seed: int) -> Source:
+    """The running interpreter's standard library `.py` sources."""
+    root = sysconfig.get_paths()["stdlib"]
+    desc = {"source": "stdlib", "root": root, "python": list(sys.version_info[:3])}
+    return file_source(desc, root, stdlib_files(root), val_fraction, seed)
+
+
+def glob_root(pattern: str) -> str:
+    """The leading directories of `pattern` before any wildcard ('.' if none)."""
+    parts = pattern.split(os.sep)[:-1]
+    fixed = list(itertools.takewhile(lambda part: not re.search(r"[*?\[]", part), parts))
+    return os.sep.join(fixed) or (os.sep if pattern.startswith(os.sep) else ".")
+
+
+def _glob_files(pattern: str) -> list[str]:
+    return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+
+
+def text_source(pattern: str, val_fraction: float, seed: int, val_pattern: str = "") -> Source:
+    """Local UTF-8 text files matched by `pattern` (a recursive glob), split by the hash of
+    each path relative to the glob's root, or validated on the files of `val_pattern`."""
+    paths = _glob_files(pattern)
+    if not val_pattern:
+        if len(paths) < 2:
+            raise ConfigError(f"data.text_glob={pattern!r} matches {len(paths)} files; at least "
+                              "2 are needed for a training and a validation split")
+        root = glob_root(pattern)
+        rel = [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
+        return file_source({"source": "text", "glob": pattern}, root, rel, val_fraction, seed)
+    val = _glob_files(val_pattern)
+    if not val:
+        raise ConfigError(f"data.val_glob={val_pattern!r} matches no files")
+    both = sorted(set(map(os.path.abspath, paths)) & set(map(os.path.abspath, val)))
+    if both:
+        raise ConfigError(f"data.val_glob={val_pattern!r} and data.text_glob={pattern!r} both "
+                          f"match {len(both)} files (e.g. {both[0]}); validation files must "
+                          "not be trained on")
+    if not paths:
+        raise ConfigError(f"data.text_glob={pattern!r} matches no files")
+    train, val = [os.path.abspath(p) for p in paths], [os.path.abspath(p) for p in val]
+    return file_source({"source": "text", "glob": pattern, "val_glob": val_pattern}, "",
+                       train + val, val_fraction, seed, val_paths=val)
+
+
+def _feature(example: dict[str, Any], feature: str) -> str:
+    """`example[a][b]` for feature 'a/b', decoded to str."""
+    value: Any = example
+    for part in feature.split("/"):
+        value = value[part]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def tfds_documents(name: str, split: str, feature: str, data_dir: str,
+                   max_docs: int) -> Iterator[str]:
+    """Texts of a TFDS split in the dataset's fixed order (at most `max_docs`, 0 = all)."""
+    import tensorflow_datasets as tfds  # heavy; only imported for TFDS sources
+
+    ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+    if max_docs:
+        ds = ds.take(max_docs)
+    for example in tfds.as_numpy(ds):
+        yield _feature(example, feature)
+
+
+def tfds_source(d: ml_collections.ConfigDict) -> Source:
+    """A TFDS text dataset; the tokenizer sample is the first training documents."""
+    desc = {"source": "tfds", "name": d.tfds_name, "split": d.tfds_split,
+            "val_split": d.tfds_val_split, "feature": d.tfds_text_feature,
+            "data_dir": d.tfds_data_dir, "max_docs": d.tfds_max_docs}
+
+    def split_docs(split: str) -> Iterator[str]:
+        return tfds_documents(d.tfds_name, split, d.tfds_text_feature, d.tfds_data_dir,
+                              d.tfds_max_docs)
+
+    if d.tfds_val_split:
+        def docs(split: str) -> Iterator[str]:
+            return split_docs(d.tfds_split if split == "train" else d.tfds_val_split)
+    else:
+        desc["val_fraction"] = d.val_fraction
+
+        def docs(split: str) -> Iterator[str]:
+            # Indices, not texts, are hashed; 'train' and 'val' partition the split exactly
+            # (a split that comes out empty is caught by the context guard in `prepare`).
+            for i, text in enumerate(split_docs(d.tfds_split)):
+                is_val = hash_fraction(f"{d.tfds_name}/{d.tfds_split}/{i}") < d.val_fraction
+                if is_val == (split == "val"):
+                    yield text
+
+    return Source(desc, docs, lambda max_chars: docs("train"))
+
+
+def hf_documents(d: ml_collections.ConfigDict) -> Iterator[str]:
+    """Texts of a Hugging Face dataset split in its fixed order (at most `hf_max_docs`)."""
+    import datasets  # optional, heavy: only for 'hf' sources
+
+    files = d.hf_data_files or None
+    if files and not any(glob.glob(p, recursive=True) for p in files.split(",")
+                         if "://" not in p):
+        raise ConfigError(f"data.hf_data_files={d.hf_data_files!r} matches no files")
+    try:
+        ds = datasets.load_dataset(d.hf_path, d.hf_name or None, split=d.hf_split,
+                                   data_files=files.split(",") if files else None,
+                                   streaming=True)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise ConfigError(f"data.hf_path={d.hf_path!r}: {str(e).splitlines()[0]}") from None
+    for i, example in enumerate(ds):
+        if d.hf_max_docs and i >= d.hf_max_docs:
+            return
+        if d.hf_text_field not in example:
+            raise ConfigError(f"data.hf_text_field={d.hf_text_field!r} is not a field of "
+                              f"{d.hf_path!r}; it has {sorted(example)}")
+        yield str(example[d.hf_text_field])
+
+
+def hf_source(d: ml_collections.ConfigDict) -> Source:
+    """A Hugging Face dataset (FineWeb, OpenWebText, local JSONL/Parquet...), split by the hash
+    of each record's index; the tokenizer sample is the first training documents."""
+    desc = {"source": "hf", "path": d.hf_path, "name": d.hf_name, "split": d.hf_split,
+            "data_files": d.hf_data_files, "text_field": d.hf_text_field,
+            "max_docs": d.hf_max_docs, "val_fraction": d.val_fraction}
+    if d.hf_data_files:  # local files: their sizes and times key the caches, as for 'text'
+        paths = sorted(p for pat in d.hf_data_files.split(",")
+                       for p in glob.glob(pat, recursive=True))
+        desc["digest"] = _files_digest("", paths)
+
+    def docs(split: str) -> Iterator[str]:
+        for i, text in enumerate(hf_documents(d)):
+            if (hash_fraction(f"{d.hf_path}/{d.hf_split}/{i}") < d.val_fraction) == (
+                    split == "val"):
+                yield text
+
+    return Source(desc, docs, lambda max_chars: docs("train"))
+
+
+def source_specs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """Name -> the `data` fields of each source: `data.sources` entries laid over `data`
+    (a mixture), or the one source `data.source` named after itself."""
+    d = cfg.data
+    if not d.get("sources"):
+        return {d.source: d}
+    specs = {}
+    for name, overrides in d.sources.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"data.sources.{name}: a source name may only hold letters, "
+                              "digits, '_', '.' and '-' (it names a directory of the store)")
+        spec = ml_collections.ConfigDict(d.to_dict())
+        del spec["sources"]
+        for key, value in overrides.items():
+            if key not in spec:
+                fields = ", ".join(sorted(k for k in spec if k != "mixture"))
+                raise ConfigError(f"data.sources.{name}.{key}: no such data field; a source "
+                                  f"sets some of: {fields}")
+            spec[key] = value
+        specs[name] = spec
+    return specs
+
+
+def make_source_from(d: ml_collections.ConfigDict, field: str = "data.source") -> Source:
+    """The `Source` that the data fields `d` describe (`field` names `d.source` in errors)."""
+    if d.source == "stdlib":
+        return stdlib_source(d.val_fraction, d.seed)
+    if d.source == "text":
+        return text_source(d.text_glob, d.val_fraction, d.seed, d.get("val_glob", ""))
+    if d.source == "tfds":
+        return tfds_source(d)
+    if d.source == "hf":
+        return hf_source(d)
+    raise ConfigError(f"{field}={d.source!r} is not one of {list(SOURCE_KINDS)}")
+
+
+def make_source(cfg: ml_collections.ConfigDict) -> Source:
+    """The `Source` that `cfg.data.source` names."""
+    return make_source_from(cfg.data)
