@@ -108,20 +108,16 @@ def runs(gcs, tmp_path_factory):
     data = root / "data"
     local = run_python(train_args(root / "local", data), cwd=str(cwd))
     assert local.returncode == 0, local.stderr[-3000:]
-    # The gs:// run keeps its tokenizer and token files in the bucket too; the resumed run
-    # stages them into an empty cache instead of tokenizing.
+    # The gs:// run keeps its tokenizer and token store in the bucket too; the resumed run
+    # reads the store's shards in place (ranged reads) instead of tokenizing again.
     gs_data = [f"--config.data.data_dir=gs://{BUCKET}/data"]
-    killed = run_python(["-c", KILL_AT_13] + train_args(RUN, data)[2:] + gs_data
-                        + [f"--config.data.cache_dir={root / 'cache1'}"], env=gcs_env(gcs),
-                        cwd=str(cwd))
+    killed = run_python(["-c", KILL_AT_13] + train_args(RUN, data)[2:] + gs_data,
+                        env=gcs_env(gcs), cwd=str(cwd))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = run_python(train_args(RUN, data) + gs_data
-                         + [f"--config.data.cache_dir={root / 'cache2'}"], env=gcs_env(gcs),
-                         cwd=str(cwd))
+    resumed = run_python(train_args(RUN, data) + gs_data, env=gcs_env(gcs), cwd=str(cwd))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step 10 in {RUN}/checkpoints" in resumed.stdout
-    staged = sorted(p.name for p in (root / "cache2").rglob("*.bin"))
-    assert staged == ["train.bin", "val.bin"], staged
+    assert not list(cwd.rglob("*.bin")), "token shards were written locally"
     return {"root": root, "cwd": cwd, "data": data, "local": root / "local", "url": gcs}
 
 
@@ -177,9 +173,10 @@ def test_tools_on_a_gs_workdir(runs, tmp_path):
                      "ft/checkpoints/4/commit_success.txt"):
         assert expected in names, sorted(names)
     assert any(n.startswith("run/tb/events.out.tfevents") for n in names)
-    for split in ("train", "val"):  # token files staged from / uploaded to the bucket
-        assert any(n.startswith("data/tokens/") and n.endswith(f"/{split}.bin") for n in names)
-        assert any(n.startswith("data/tokens/") and n.endswith(f"/{split}.json") for n in names)
+    for split in ("train", "val"):  # the token store, written to and read from the bucket
+        assert any(n.startswith("data/tokens/") and n.endswith(f"/{split}-00000.bin")
+                   for n in names)
+    assert any(n.startswith("data/tokens/") and n.endswith("/manifest.json") for n in names)
     assert any(n.startswith("data/tokenizers/") for n in names)
     assert any(n.startswith("run/samples/step20-seed0") for n in names)
     assert any(n.startswith("run/reports/step20-") for n in names)

@@ -61,7 +61,7 @@ def steps_only(cfg):
     state, rng = trainer.init_state(jax.random.key(cfg.seed)), jax.random.key(cfg.seed + 1)
     losses = []
     for step in range(cfg.train.steps):
-        batch = loop.global_batch(train.step_windows(cfg, corpus.train, step), mesh)
+        batch = loop.global_batch(train.step_windows(cfg, corpus, step), mesh)
         state, out = trainer.train_step(state, batch, rng, optim.microbatches_at(cfg, step))
         losses.append(float(out["loss"]))
     return losses

@@ -144,8 +144,7 @@ def store_tokenizer(cfg: ml_collections.ConfigDict, token_store: store.TokenStor
     d = cfg.data
     t = token_store.manifest["tokenizer"]
     where = f"data.store={d.store!r}"
-    want = "sentencepiece" if d.tokenizer == "file" else d.tokenizer
-    if want != t["kind"]:
+    if d.tokenizer != "file" and d.tokenizer != t["kind"]:
         raise ConfigError(f"data.tokenizer={d.tokenizer!r}, but {where} was tokenized with a "
                           f"{t['kind']!r} tokenizer; set data.tokenizer={t['kind']!r}")
     tok = token_store.tokenizer
