@@ -326,7 +326,14 @@ def source_specs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.Con
                 fields = ", ".join(sorted(k for k in spec if k != "mixture"))
                 raise ConfigError(f"data.sources.{name}.{key}: no such data field; a source "
                                   f"sets some of: {fields}")
-            spec[key] = value
+            if isinstance(spec[key], ml_collections.ConfigDict):  # e.g. dedup: merge fields
+                for field, v in dict(value).items():
+                    if field not in spec[key]:
+                        raise ConfigError(f"data.sources.{name}.{key}.{field}: no such field; "
+                                          f"data.{key} has: {', '.join(sorted(spec[key]))}")
+                    spec[key][field] = v
+            else:
+                spec[key] = value
         specs[name] = spec
     return specs
 
