@@ -53,4 +53,34 @@ def get_config(size: str = "small"):
     t.microbatches = t.batch_size // 16  # ramp granularity: 16 x 2048 = 32k tokens
     t.tokens = 300_000_000_000  # `config.validate` sets train.steps from it
     t.steps = 300_000_000_000 // batch_tokens  # at the full batch; the ramp adds a few
+    data_recipe(cfg.data)
     return cfg
+
+
+# Table 2.2's datasets as their public stand-ins on the Hugging Face hub. OpenAI's Common
+# Crawl crawl, WebText2 and Books1/2 are not public: FineWeb is Common Crawl text, OpenWebText
+# replicates WebText, BookCorpus and PG-19 stand in for Books1 and Books2.
+SOURCES = {  # name: (hf_path, hf_name, weight in the training mix)
+    "common_crawl": ("HuggingFaceFW/fineweb", "CC-MAIN-2019-30", 0.60),
+    "webtext2": ("Skylion007/openwebtext", "", 0.22),
+    "books1": ("bookcorpus/bookcorpus", "", 0.08),
+    "books2": ("deepmind/pg19", "", 0.08),
+    "wikipedia": ("wikimedia/wikipedia", "20231101.en", 0.03),
+}
+
+
+def data_recipe(d) -> None:
+    """GPT-3 Appendix A: five sources, fuzzy dedup within each, Common Crawl quality-filtered
+    against WebText/Wikipedia/books, a 60/22/8/8/3 mixture. Prepare the store with
+    `python -m gpt_jax.prepare --config=experiments/gpt3.py:175b --output=gs://B/gpt3 --
+    --runner=DataflowRunner ...` (README "Data at scale"), then train with
+    `--config.data.store=gs://B/gpt3`. For GPT-3's own vocabulary add
+    `--config.data.tokenizer=gpt2 --config.data.tokenizer_path=DIR` (GPT-2's BPE files)."""
+    d.sources = {name: {"source": "hf", "hf_path": path, "hf_name": name_}
+                 for name, (path, name_, _) in SOURCES.items()}
+    # Table 2.2's rounded percentages sum to 101%; the mixture needs them to sum to 1.
+    total = sum(w for _, _, w in SOURCES.values())
+    d.mixture = {name: w / total for name, (_, _, w) in SOURCES.items()}
+    d.dedup.exact = d.dedup.fuzzy = True  # within each dataset, Spark MinHashLSH, 10 hashes
+    d.quality.update(enabled=True, sources="common_crawl", raw_sources="common_crawl",
+                     reference_sources="webtext2,wikipedia,books1,books2")

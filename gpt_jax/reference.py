@@ -132,7 +132,11 @@ def _small_train(t: ml_collections.ConfigDict, steps: int, batch_size: int) -> N
 def _small_data(cfg: ml_collections.ConfigDict, data_dir: str, text_glob: str) -> None:
     cfg.data.update(dict(source="text", text_glob=text_glob, val_glob="", tokenizer="char",
                          tokenizer_path="", data_dir=data_dir, token_dir="", num_workers=1,
-                         seed=0))
+                         seed=0, store=""))
+    # One embedded source: the papers' mixtures and filters need `python -m gpt_jax.prepare`.
+    cfg.data.sources, cfg.data.mixture = ml_collections.ConfigDict(), ml_collections.ConfigDict()
+    cfg.data.dedup.update(exact=False, fuzzy=False)
+    cfg.data.quality.enabled = False
     cfg.mesh.update(dict(data=-1, model=1, fsdp=False, dcn_data=1, cpu_devices=1))
 
 

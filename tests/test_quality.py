@@ -4,13 +4,9 @@ the Beam transform against the in-memory rule."""
 
 from __future__ import annotations
 
+import apache_beam as beam  # noqa: E402
 import numpy as np
 import pytest
-
-pytest.importorskip("apache_beam", reason="the [data] extra is not installed")
-pytest.importorskip("sklearn", reason="the [data] extra is not installed")
-
-import apache_beam as beam  # noqa: E402
 from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline  # noqa: E402
 from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
 
