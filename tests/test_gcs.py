@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sysconfig
 import time
 import urllib.request
 
@@ -248,3 +250,46 @@ def test_unreadable_config_is_one_line(gcs, tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith(
         f"error: gs://{BUCKET}/broken/config.json is not a readable config")
     assert "Traceback" not in out.stderr
+
+
+def test_prepare_writes_a_store_that_reads_in_place(gcs, tmp_path):
+    """`gpt_jax.prepare` (Beam, DirectRunner) writes the store to the bucket; the reader's
+    ranged reads return the windows the local store gives."""
+    from test_store import FILES
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for name in FILES:
+        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), root / f"{name}.txt")
+    flags = ["--config=experiments/tiny.py:char", "--config.data.source=text",
+             f"--config.data.text_glob={root}/*.txt", f"--config.data.data_dir={tmp_path}/d",
+             "--config.data.shard_tokens=3000"]
+    url = f"gs://{BUCKET}/stores/small"
+    out = run_python(["-m", "gpt_jax.prepare", *flags, f"--output={url}"], env=gcs_env(gcs))
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = bucket_objects(gcs, "stores/small/")
+    assert "stores/small/manifest.json" in names and "stores/small/text/train-00003.bin" in names
+    local = run_python(["-m", "gpt_jax.prepare", *flags, f"--output={tmp_path}/local"])
+    assert local.returncode == 0, local.stderr[-3000:]
+    # A fresh process: gcsfs reads its emulator settings when it is imported.
+    read = run_python(["-c", READ_BOTH, url, f"{tmp_path}/local"], env=gcs_env(gcs))
+    assert read.returncode == 0, read.stderr[-3000:]
+    assert read.stdout.split() == ["remote", "equal"], read.stdout
+
+
+READ_BOTH = """
+import sys
+import numpy as np
+from gpt_jax import config, data
+from gpt_jax.workdir import configure_storage
+configure_storage()
+corpora = []
+for store in sys.argv[1:]:
+    cfg = config.base_config()
+    cfg.model.context, cfg.data.tokenizer, cfg.data.store = 64, "char", store
+    corpora.append(data.prepare(cfg))
+print("remote" if corpora[0].train.remote and not corpora[1].train.remote else "local")
+same = all(np.array_equal(*(c.batch(seed=0, step=s, global_batch=8, context=64)
+                            for c in corpora)) for s in (0, 5, 40))
+print("equal" if same else "different")
+"""
