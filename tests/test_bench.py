@@ -50,3 +50,41 @@ def test_attention_bench_times_xla_and_checks_splash():
     [check] = r["checks"]  # splash in interpret mode: a correctness check, never a time
     assert check["context"] == 128 and 0 <= check["max_abs_diff_vs_xla"] < 1e-4, check
     assert "splash (interpret mode)" in bench.format_attention(r)
+
+
+def _tiny_store(path, n=5000, shard_tokens=1024):
+    """A store of one source written directly (no tokenizer): shards + manifest."""
+    import json
+
+    import numpy as np
+
+    from gpt_jax.data import store
+
+    splits = {}
+    for split in ("train", "val"):
+        w = store.ShardWriter(str(path), "toy", split, np.uint16, shard_tokens)
+        w.write(np.arange(n, dtype=np.uint16) % 61)
+        splits[split] = store.split_record(w.close(), 1, n)
+    manifest = {"format": store.FORMAT, "version": store.VERSION, "dtype": "uint16",
+                "shard_tokens": shard_tokens, "tokenizer": {"kind": "char"},
+                "sources": {"toy": {"splits": splits}}}
+    (path / store.MANIFEST).write_text(json.dumps(manifest))
+    return str(path)
+
+
+def test_input_mode_runs_on_a_tiny_store(tmp_path):
+    """--mode=input's pieces: the AOT table's targets, and reads with prefetch on and off
+    (no timing is asserted)."""
+    targets = bench.input_targets()
+    assert [t["config"] for t in targets] == [c for c, _, _ in bench.INPUT_TARGETS]
+    assert all(t["step_s"] > 0 and t["consume_tokens_per_s"] > 0 for t in targets)
+    tokens = bench.open_tokens(_tiny_store(tmp_path))
+    shapes = bench.input_shapes(16, 4, with_targets=False)
+    shapes.append({"name": "needs 1 window/s", "context": 32, "rows": 2, "hosts": 3,
+                   "consume_windows_per_s": 1.0, "consume_tokens_per_s": 32.0})
+    r = bench.run_input(tokens, shapes, depths=(0, 2), seconds=0.02, repeats=1, where="tiny")
+    assert [(row["context"], row["depth"]) for row in r["rows"]] == [
+        (16, 0), (16, 2), (32, 0), (32, 2)]
+    assert all(row["windows_per_s"] > 0 for row in r["rows"])
+    assert r["rows"][-1]["ratio"] == pytest.approx(r["rows"][-1]["windows_per_s"])
+    assert "windows/s" in bench.format_input(r)
