@@ -141,13 +141,14 @@ def _read_file(item: tuple[int, str, str]) -> Iterator[tuple[str, str]]:
     text = sources.read_text(path)
     if text is None:
         beam.metrics.Metrics.counter(METRICS, "files_not_utf8").inc()
-        return
-    yield _doc_key(index, split), text
+    elif text:  # empty documents add no tokens (in-process, too): not counted as read
+        yield _doc_key(index, split), text
 
 
 def _read_records(split: str, spec: ml_collections.ConfigDict) -> Iterator[tuple[str, str]]:
     for i, text in enumerate(sources.make_source_from(spec).docs(split)):
-        yield _doc_key(i, split), text
+        if text:
+            yield _doc_key(i, split), text
 
 
 class _Tokenize(beam.DoFn):
