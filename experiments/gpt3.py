@@ -16,6 +16,8 @@ not attention dropout, which the flash-attention kernels (splash on TPU, cuDNN o
 do not implement: with it, every layer would fall back to the XLA path.
 """
 
+import ml_collections
+
 from gpt_jax.config import base_config
 
 CONTEXT = 2048
@@ -69,7 +71,7 @@ SOURCES = {  # name: (hf_path, hf_name, weight in the training mix)
 }
 
 
-def data_recipe(d) -> None:
+def data_recipe(d: ml_collections.ConfigDict) -> None:
     """GPT-3 Appendix A: five sources, fuzzy dedup within each, Common Crawl quality-filtered
     against WebText/Wikipedia/books, a 60/22/8/8/3 mixture. Prepare the store with
     `python -m gpt_jax.prepare --config=experiments/gpt3.py:175b --output=gs://B/gpt3 --
