@@ -32,9 +32,10 @@ def corpus_dir(tmp_path_factory):
 
 def test_store_equals_the_in_process_one_and_trains_the_same(corpus_dir, tmp_path):
     data_dir = tmp_path / "data"
+    fast = {"train.eval_every": 100, "train.sample_tokens": 0}  # no eval or sampler compiles
     args = train_args(tmp_path / "embedded", data_dir, steps=6,
                       **{"data.text_glob": str(corpus_dir / "*.txt"), "data.shard_tokens": 4096,
-                         "train.eval_every": 3})
+                         **fast})
     embedded = run_python(args)
     assert embedded.returncode == 0, embedded.stderr[-3000:]
     store_dir = tmp_path / "store"
@@ -51,8 +52,8 @@ def test_store_equals_the_in_process_one_and_trains_the_same(corpus_dir, tmp_pat
     assert len(manifest["sources"]["text"]["splits"]["train"]["shards"]) > 3
     assert manifest["tokenizer"] == in_process["tokenizer"]
     assert manifest["recipe"]["made_by"].startswith("gpt_jax.prepare")
-    trained = run_python(train_args(tmp_path / "from_store", tmp_path / "empty", steps=6)
-                         + ["--config.train.eval_every=3", f"--config.data.store={store_dir}"])
+    trained = run_python(train_args(tmp_path / "from_store", tmp_path / "empty", steps=6,
+                                    **fast) + [f"--config.data.store={store_dir}"])
     assert trained.returncode == 0, trained.stderr[-3000:]
     a, b = losses(tmp_path / "embedded"), losses(tmp_path / "from_store")
     assert sorted(a) == sorted(b) == list(range(1, 7))

@@ -144,9 +144,10 @@ def _sizes(directory: epath.Path) -> dict[str, int]:
 class ShardedTokens:
     """One split of one source: a read-only token array spread over shards.
 
-    Reads by random access: from local memmaps, or ranged GETs (fsspec/gcsfs `cat_ranges`,
-    concurrent) for `gs://`. `windows(starts, length)` is what batches use; slicing and
-    `np.asarray` read ranges or the whole split.
+    Reads by random access: from local memmaps, or for `gs://` ranged GETs issued together
+    by tensorstore's kvstore (its C++ client, the one orbax uses, runs them concurrently).
+    `windows(starts, length)` is what batches use; slicing and `np.asarray` read ranges or
+    the whole split.
     """
 
     def __init__(self, root: epath.Path, shards: Sequence[dict[str, Any]], dtype: np.dtype,
@@ -169,6 +170,16 @@ class ShardedTokens:
                           shape=(s["num_tokens"],)) if s["num_tokens"] else
                 np.zeros(0, self.dtype) for s in self.shards]
 
+    @functools.cached_property
+    def _kvstore(self) -> Any:
+        import tensorstore as ts
+        return ts.KvStore.open(os.fspath(self.root).rstrip("/") + "/").result()
+
+    def _value(self, result: Any, file: str) -> np.ndarray:
+        if result.state != "value":
+            raise FileNotFoundError(f"{self.root / file}: shard vanished from the store")
+        return np.frombuffer(result.value, dtype=self.dtype)
+
     def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """(shard, begin, end) ranges covering tokens [start, stop)."""
         while start < stop:
@@ -187,12 +198,15 @@ class ShardedTokens:
             maps = self._memmaps
             return [np.concatenate([maps[s][a:b] for s, a, b in p]) if len(p) != 1
                     else np.array(maps[p[0][0]][p[0][1]:p[0][2]]) for p in pieces]
-        fs, inner = _fs(os.fspath(self.root))
+        import tensorstore as ts
         flat = [piece for p in pieces for piece in p]
         size = self.dtype.itemsize
-        blobs = fs.cat_ranges([f"{inner}/{self.shards[s]['file']}" for s, _, _ in flat],
-                              [a * size for _, a, _ in flat], [b * size for _, _, b in flat])
-        arrays = iter(np.frombuffer(b, dtype=self.dtype) for b in blobs)
+        with ts.Batch() as batch:  # issued together, concurrently, by tensorstore's C++ client
+            futures = [self._kvstore.read(self.shards[s]["file"], batch=batch,
+                                          byte_range=slice(a * size, b * size))
+                       for s, a, b in flat]
+        arrays = iter(self._value(f.result(), self.shards[s]["file"])
+                      for f, (s, _, _) in zip(futures, flat))
         return [np.concatenate([next(arrays) for _ in p]) if p else np.zeros(0, self.dtype)
                 for p in pieces]
 
