@@ -391,7 +391,7 @@ def read_rate(tokens: Any, *, context: int, rows: int, hosts: int = 1, depth: in
         elapsed = time.perf_counter() - tic
         if elapsed >= seconds:
             break
-    del it
+    it.close()  # its threads stop reading (and do not hold up the exit)
     assert out.shape == (rows, context + 1), out.shape
     return {"steps": n, "seconds": elapsed, "step_ms": elapsed / n * 1e3,
             "windows_per_s": n * rows / elapsed, "tokens_per_s": n * rows * context / elapsed}

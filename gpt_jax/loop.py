@@ -320,6 +320,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
         if stop:
             logging.warning("SIGTERM: checkpointed step %d, exiting", done)
             break
+    if local_batches is not None:
+        local_batches.close()  # stops reads of steps that will not run (after SIGTERM)
     ckpt.close()
     writer.close()
     progress.close()

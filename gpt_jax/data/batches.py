@@ -15,9 +15,11 @@ sources' rows within the step before the hosts take their slices.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -173,11 +175,43 @@ def mixture_batch(sources: Sequence[Tokens], weights: Sequence[float], *, seed: 
     return out
 
 
-def prefetch(batch: Any, start: int, stop: int, depth: int) -> Iterator[Any]:
-    """batch(step) for step in [start, stop), `depth` steps computed ahead on background
-    threads (Grain's ordered thread prefetch), so the train step never waits on reads."""
+class Prefetch:
+    """batch(step) for step in [start, stop), in order, with `depth` steps computed ahead on
+    background threads so the train step never waits on reads (numpy and the store's I/O
+    release the GIL). `close()` cancels what has not started and waits for what has, so no
+    read outlives the loop that asked for it."""
+
+    def __init__(self, batch: Callable[[int], Any], start: int, stop: int, depth: int):
+        self._batch, self._next, self._stop = batch, start, stop
+        self._pool = ThreadPoolExecutor(max_workers=min(depth, 4),
+                                        thread_name_prefix="gpt_jax-prefetch")
+        self._pending: collections.deque[Future] = collections.deque()
+        for _ in range(depth):
+            self._submit()
+
+    def _submit(self) -> None:
+        if self._next < self._stop:
+            self._pending.append(self._pool.submit(self._batch, self._next))
+            self._next += 1
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self) -> Any:
+        if not self._pending:
+            self.close()
+            raise StopIteration
+        future = self._pending.popleft()
+        self._submit()
+        return future.result()
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def prefetch(batch: Callable[[int], Any], start: int, stop: int, depth: int) -> Iterator[Any]:
+    """batch(step) for step in [start, stop): computed ahead (`Prefetch`) when depth > 0."""
     if depth <= 0:
         return (batch(step) for step in range(start, stop))
-    import grain
-    return iter(grain.MapDataset.range(start, stop).map(batch).to_iter_dataset(
-        grain.ReadOptions(num_threads=min(depth, 4), prefetch_buffer_size=depth)))
+    return Prefetch(batch, start, stop, depth)

@@ -173,7 +173,11 @@ class ShardedTokens:
     @functools.cached_property
     def _kvstore(self) -> Any:
         import tensorstore as ts
-        return ts.KvStore.open(os.fspath(self.root).rstrip("/") + "/").result()
+        # Transient errors are retried; an endpoint that stays down fails in about a minute
+        # (tensorstore's default, 32 retries backing off to 32 s, would wait ~15 minutes).
+        context = ts.Context({"gcs_request_retries": {"max_retries": 8, "initial_delay": "1s",
+                                                      "max_delay": "10s"}})
+        return ts.KvStore.open(os.fspath(self.root).rstrip("/") + "/", context=context).result()
 
     def _value(self, result: Any, file: str) -> np.ndarray:
         if result.state != "value":
