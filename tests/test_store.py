@@ -210,3 +210,29 @@ def test_two_processes_read_disjoint_rows(text_store):
     # these 30 steps are distinct positions of one epoch.
     ids = data.window_ids(data.num_windows(len(corpus.train), 16), 0, 0, 30 * 8)
     assert len(set(ids.tolist())) == 30 * 8
+
+
+def test_prefetch_keeps_order_and_close_stops_reading():
+    import threading
+    import time
+
+    started = []
+
+    def batch(step):
+        started.append(step)
+        time.sleep(0.01)
+        if step == 7:
+            raise ValueError("step 7 failed")
+        return step * 10
+
+    it = data.prefetch(batch, 3, 7, depth=2)
+    assert list(it) == [30, 40, 50, 60]  # in order, and it ends at `stop`
+    it = data.prefetch(batch, 5, 100, depth=3)
+    assert [next(it), next(it)] == [50, 60]
+    with pytest.raises(ValueError, match="step 7 failed"):  # a batch's error, as raised
+        next(it)
+    it.close()
+    count = len(started)
+    time.sleep(0.05)
+    assert len(started) == count and max(started) <= 10  # nothing read after close
+    assert not [t for t in threading.enumerate() if t.name.startswith("gpt_jax-prefetch")]
