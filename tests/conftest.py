@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import ml_collections
 import pytest
@@ -26,6 +28,15 @@ def tiny_config(**model: object) -> ml_collections.ConfigDict:
 @pytest.fixture
 def cfg() -> ml_collections.ConfigDict:
     return tiny_config()
+
+
+def stdlib_text_corpus(root: os.PathLike, names: tuple[str, ...]) -> os.PathLike:
+    """`root` holding copies of the stdlib modules `names` as `<name>.txt` (a 'text' source
+    of real text, made without a download)."""
+    for name in names:
+        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name),
+                    os.path.join(root, f"{name}.txt"))
+    return root
 
 
 def run_python(args: list[str], env: dict | None = None, timeout: int = 600,

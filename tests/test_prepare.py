@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sysconfig
 
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_python, stdlib_text_corpus
 from test_train import losses, train_args
 
 from gpt_jax import config, data
@@ -24,10 +22,7 @@ BEAM_2_WORKERS = ["--", "--direct_num_workers=2", "--direct_running_mode=multi_p
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for name in CORPUS_FILES:
-        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), root / f"{name}.txt")
-    return root
+    return stdlib_text_corpus(tmp_path_factory.mktemp("corpus"), CORPUS_FILES)
 
 
 def test_store_equals_the_in_process_one_and_trains_the_same(corpus_dir, tmp_path):

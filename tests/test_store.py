@@ -7,11 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, stdlib_text_corpus
 
 from gpt_jax import config, data
 from gpt_jax import tokenizer as T
@@ -34,8 +33,7 @@ def _cfg(tmp_path, **data_fields):
 def text_store(tmp_path_factory):
     """The in-process store of six stdlib files, in shards of 1,000 tokens."""
     root = tmp_path_factory.mktemp("store")
-    for name in FILES:
-        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), root / f"{name}.txt")
+    stdlib_text_corpus(root, FILES)
     cfg = _cfg(root, source="text", text_glob=str(root / "*.txt"), val_fraction=0.3)
     return cfg, data.prepare(cfg)
 

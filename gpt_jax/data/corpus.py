@@ -44,9 +44,14 @@ class Corpus:
     def names(self) -> list[str]:
         return list(self.weights)
 
+    @property
+    def heaviest(self) -> str:
+        """The source with the largest weight: the default of the one-source accessors."""
+        return max(self.weights, key=self.weights.get)
+
     def tokens(self, split: str, source: str | None = None) -> store.ShardedTokens:
         """A split of `source` (default: the heaviest source)."""
-        return self.store.tokens(source or max(self.weights, key=self.weights.get), split)
+        return self.store.tokens(source or self.heaviest, split)
 
     @property
     def train(self) -> store.ShardedTokens:
@@ -60,15 +65,14 @@ class Corpus:
     def manifests(self) -> dict[str, dict[str, Any]]:
         """Split -> manifest record (num_tokens, num_docs, num_bytes, shards) of the heaviest
         source, with the store's dtype and tokenizer."""
-        name = max(self.weights, key=self.weights.get)
-        m = self.store.manifest
+        name, m = self.heaviest, self.store.manifest
         return {split: dict(self.store.split(name, split), dtype=m["dtype"],
                             tokenizer=m["tokenizer"], source=m["sources"][name]["description"])
                 for split in sources.SPLITS}
 
     def bytes_per_token(self, split: str, source: str | None = None) -> float:
         """UTF-8 bytes per token; bits per byte = loss_nats / ln 2 / bytes_per_token."""
-        r = self.store.split(source or max(self.weights, key=self.weights.get), split)
+        r = self.store.split(source or self.heaviest, split)
         return r["num_bytes"] / max(r["num_tokens"], 1)
 
     def batch(self, *, seed: int, step: int, global_batch: int, context: int,

@@ -84,9 +84,8 @@ def check_recipe(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.Con
 # ---------------------------------------------------------------------------- launcher side
 
 
-def _interleaved_sample(specs: dict[str, ml_collections.ConfigDict]) -> Any:
+def _interleaved_sample(made: dict[str, sources.Source]) -> Any:
     """max_chars -> documents for the tokenizer: the sources' samples taken in turn."""
-    made = {name: sources.make_source_from(spec) for name, spec in specs.items()}
     if len(made) == 1:
         return next(iter(made.values())).sample
 
@@ -97,27 +96,26 @@ def _interleaved_sample(specs: dict[str, ml_collections.ConfigDict]) -> Any:
     return sample
 
 
-def corpus_key(specs: dict[str, ml_collections.ConfigDict]) -> str:
+def corpus_key(made: dict[str, sources.Source]) -> str:
     """The tokenizer cache key: the in-process path's for one source, else all of them."""
-    keys = [sources.make_source_from(spec).key for spec in specs.values()]
+    keys = [source.key for source in made.values()]
     if len(keys) == 1:
         return keys[0]
     import hashlib
     return "mixture-" + hashlib.sha1("\n".join(keys).encode()).hexdigest()[:10]
 
 
-def train_classifier(cfg: ml_collections.ConfigDict, specs: dict[str, ml_collections.ConfigDict],
+def train_classifier(cfg: ml_collections.ConfigDict, made: dict[str, sources.Source],
                      output: epath.Path) -> dict[str, Any]:
     """GPT-3 Appendix A: reference vs raw documents -> classifier saved into the store."""
     q = cfg.data.quality
 
     def docs(field: str) -> list[str]:
-        names = _names(f"data.quality.{field}", q[field], list(specs))
+        names = _names(f"data.quality.{field}", q[field], list(made))
         out: list[str] = []
         for name in names:
             per = q.max_train_docs // len(names)
-            out += [d for d in itertools.islice(
-                sources.make_source_from(specs[name]).sample(1), per) if d]
+            out += [d for d in itertools.islice(made[name].sample(1), per) if d]
         return out
 
     reference, raw = docs("reference_sources"), docs("raw_sources")
@@ -254,13 +252,15 @@ def _sum_pairs(pairs: Any) -> tuple[int, int]:
 
 
 def build(p: beam.Pipeline, cfg: ml_collections.ConfigDict, output: str, tok: Tokenizer,
-          specs: dict[str, ml_collections.ConfigDict], recipe: dict[str, Any]) -> None:
-    """Adds the preparation to pipeline `p`."""
+          specs: dict[str, ml_collections.ConfigDict], made: dict[str, sources.Source],
+          recipe: dict[str, Any]) -> None:
+    """Adds the preparation to pipeline `p`: `made` are the `specs`' sources (workers rebuild
+    record sources from their spec)."""
     q = cfg.data.quality
     filtered = _names("data.quality.sources", q.sources, list(specs)) or list(specs)
     chunks, counts, descriptions, stages = [], [], {}, {}
     for name, spec in specs.items():
-        source = sources.make_source_from(spec)
+        source = made[name]
         descriptions[name] = {"description": source.description, "key": source.key}
         if source.files is not None:
             items = [(i, path, split) for i, (path, split) in enumerate(source.files)]
@@ -318,7 +318,9 @@ def run(cfg: ml_collections.ConfigDict, output: str, beam_args: list[str]) -> di
     out = epath.Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / store.MANIFEST).unlink(missing_ok=True)  # from here on the store reads incomplete
-    tok = tokenizer_lib.from_config(cfg, corpus_key(specs), _interleaved_sample(specs))
+    # Each source once: a file source lists and stats all its files when it is made.
+    made = {name: sources.make_source_from(spec) for name, spec in specs.items()}
+    tok = tokenizer_lib.from_config(cfg, corpus_key(made), _interleaved_sample(made))
     tok.save(out)
     recipe: dict[str, Any] = {
         "made_by": "gpt_jax.prepare (Apache Beam)", "beam_args": list(beam_args),
@@ -326,10 +328,9 @@ def run(cfg: ml_collections.ConfigDict, output: str, beam_args: list[str]) -> di
                  for k, v in cfg.data.items()},
     }
     if cfg.data.quality.enabled:
-        recipe["quality_classifier"] = train_classifier(cfg, specs, out)
-    options = PipelineOptions(beam_args or ["--runner=DirectRunner"])
+        recipe["quality_classifier"] = train_classifier(cfg, made, out)
     if not any(a.startswith("--runner") for a in beam_args):
-        options = PipelineOptions(["--runner=DirectRunner", *beam_args])
-    with beam.Pipeline(options=options) as p:
-        build(p, cfg, os.fspath(out), tok, specs, recipe)
+        beam_args = ["--runner=DirectRunner", *beam_args]
+    with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+        build(p, cfg, os.fspath(out), tok, specs, made, recipe)
     return store.TokenStore.open(out, field="--output").manifest
