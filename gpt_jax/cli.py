@@ -6,8 +6,11 @@ block, so importing any module never defines flags.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +51,30 @@ def start() -> None:
         sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     if "workdir" in f and f.workdir:  # a missing bucket or credentials: now, not after compiling
         from gpt_jax.workdir import Workdir
+        _CREATED.append(_first_missing(f.workdir))
         Workdir(f.workdir).check_writable()
+
+
+_CREATED: list[str | None] = []  # local folders this run made, removed again if it is refused
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of the local `path` that does not exist yet (None: all exist,
+    or a gs:// path, where an empty prefix is no object)."""
+    if "://" in path:
+        return None
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def _remove_created() -> None:
+    """A refused or failed run leaves nothing behind: removes the folders `start` made
+    when they hold no file (a run that wrote anything keeps it)."""
+    for top in filter(None, _CREATED):
+        if os.path.isdir(top) and not any(files for _, _, files in os.walk(top)):
+            shutil.rmtree(top, ignore_errors=True)
 
 
 def _no_orbax_tracebacks(record: Any) -> bool:
@@ -59,7 +85,33 @@ def _no_orbax_tracebacks(record: Any) -> bool:
     return True
 
 
-USAGE, RUNTIME = 2, 1  # exit statuses: the command was wrong / the run failed
+USAGE, RUNTIME, INTERRUPTED = 2, 1, 130  # the command was wrong / the run failed / Ctrl-C
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot work, found before anything is loaded; the message
+    names the flag (exit status 2)."""
+
+
+def check_input_file(flag: str, path: str, text: bool = True) -> None:
+    """Raises UsageError naming `flag` and `path` unless the local `path` is a readable,
+    non-empty file (and UTF-8 text when `text`): found before anything is loaded."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{flag}={path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag}={path}: is a directory, not a file") from None
+    except OSError as e:
+        raise UsageError(f"{flag}={path}: cannot be read ({e.strerror})") from None
+    if not data.strip():
+        raise UsageError(f"{flag}={path}: the file is empty")
+    if text:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{flag}={path}: not UTF-8 text (byte {e.start})") from None
 
 
 def fail(message: str, status: int) -> None:
@@ -67,6 +119,7 @@ def fail(message: str, status: int) -> None:
     "cannot schedule new futures after interpreter shutdown" tracebacks would bury it."""
     sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr, flush=True)
+    _remove_created()
     os._exit(status)
 
 
@@ -112,6 +165,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError) as e:  # an override names a field the config lacks
         if _show_tracebacks():
             raise
+        if "get_config" in str(e):  # an empty file, or one without the function
+            given = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
+            fail(f"{given}: the file defines no get_config() (see experiments/)", USAGE)
         missing = str(e).strip("\"'")
         bad = next((a for a in argv[1:] if a.startswith("--config.")
                     and a.split("=")[0].split(".")[-1] == missing), f"--config...{missing}")
@@ -121,37 +177,61 @@ def parse_flags(argv: list[str]) -> list[str]:
             raise
         config = " ".join(a for a in argv[1:] if a.startswith("--config="))
         fail(f"{config or 'flags'}: {_last_line(str(e))}", USAGE)
+    except Exception as e:  # noqa: BLE001 - the config file itself raised (or did not parse)
+        if _show_tracebacks():
+            raise
+        fail(_config_file_error(e, argv), USAGE)
+
+
+def _config_file_error(error: Exception, argv: list[str]) -> str:
+    """`file:line: what` for an error raised while loading the --config file: the line
+    of a syntax error, else the deepest line of the file on the traceback."""
+    given = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+    path = given.split(":")[0]
+    if isinstance(error, SyntaxError):
+        return f"{error.filename or path}:{error.lineno}: {error.msg} (--config={given})"
+    frames = [fr for fr in traceback.extract_tb(error.__traceback__)
+              if path and os.path.abspath(fr.filename) == os.path.abspath(path)]
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else f"--config={given}"
+    return f"{where}: {type(error).__name__}: {_last_line(str(error))}"
 
 
 def run(main: Callable[[list[str]], None], errors: tuple[type[Exception], ...] = ()) -> None:
-    """`absl.app.run(main)` for every gpt_jax command: bad flags, the project's own errors
-    (a config field, a workdir, and `errors`) exit 2, and files that are missing,
-    unreadable or malformed exit 1, each as one `error: ...` line rather than a
-    traceback (`--verbosity=1` or GPT_JAX_TRACEBACK=1 shows it)."""
-    import json
-
+    """`absl.app.run(main)` for every gpt_jax command, every outcome one line: bad flags,
+    the project's usage errors (a config field, a workdir, a flag value, and `errors`)
+    exit 2; runtime failures (a checkpoint, a non-finite loss, a file that went missing
+    or is unreadable, storage, a lost peer) exit 1; Ctrl-C exits 130 (after the training
+    loop saved, see `loop.catch_sigterm`). `--verbosity=1` or GPT_JAX_TRACEBACK=1 shows
+    the traceback instead."""
+    from gpt_jax import loop
     from gpt_jax.checkpoint import CheckpointError
     from gpt_jax.config import ConfigError
-    from gpt_jax.loop import NonFiniteLossError
     from gpt_jax.workdir import WorkdirError
+
+    def outcome(e: BaseException) -> tuple[str, int]:
+        if isinstance(e, (ConfigError, WorkdirError, UsageError, *errors)):
+            return _last_line(str(e)), RUNTIME if loop.computing() else USAGE
+        if isinstance(e, KeyboardInterrupt):
+            return "interrupted (Ctrl-C)", INTERRUPTED
+        if isinstance(e, (CheckpointError, loop.NonFiniteLossError)):
+            return _last_line(str(e)), RUNTIME
+        if isinstance(e, OSError) and e.filename:
+            return f"{e.filename}: {e.strerror or _last_line(str(e))}", RUNTIME
+        if isinstance(e, (OSError, json.JSONDecodeError, UnicodeDecodeError)):
+            return f"{type(e).__name__}: {_last_line(str(e))}", RUNTIME
+        return (f"{type(e).__name__}: {_last_line(str(e)) or 'no message'} "
+                "(GPT_JAX_TRACEBACK=1 shows where)", RUNTIME)
 
     def guarded(argv: list[str]) -> None:
         try:
             main(argv)
-        except (ConfigError, WorkdirError, *errors) as e:
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure one line
             if _show_tracebacks():
                 raise
-            fail(_last_line(str(e)), USAGE)
-        except (CheckpointError, NonFiniteLossError) as e:
-            if _show_tracebacks():
-                raise
-            fail(_last_line(str(e)), RUNTIME)
-        except (FileNotFoundError, PermissionError, IsADirectoryError,
-                json.JSONDecodeError, UnicodeDecodeError) as e:
-            if _show_tracebacks():
-                raise
-            what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename \
-                else f"{type(e).__name__}: {e}"
-            fail(_last_line(what), RUNTIME)
+            fail(*outcome(e))
+        if loop.interrupted():  # Ctrl-C: the loop saved and said so; the status says it too
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)
 
     app.run(guarded, flags_parser=parse_flags)

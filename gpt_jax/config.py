@@ -259,6 +259,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             _fail(field, _get(cfg, field), "must be in [0, 1)")
     if o.grad_clip < 0:
         _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    for field, zero in (("optim.warmup_steps", "no warmup"), ("optim.decay_steps", "train.steps")):
+        value = _get(cfg, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            _fail(field, value, f"must be an integer >= 0 (0: {zero})")
+    if o.eps <= 0:
+        _fail("optim.eps", o.eps, "must be > 0")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", o.weight_decay, "must be >= 0 (0: off)")
 
     if t.batch_size % t.microbatches:
         raise ConfigError(

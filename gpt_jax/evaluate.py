@@ -48,10 +48,10 @@ import numpy as np
 import optax
 from etils import epath
 
+from gpt_jax import cli, sharding
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax import sample as sample_lib
-from gpt_jax import sharding
 from gpt_jax.config import ConfigError
 from gpt_jax.tokenizer import Tokenizer
 from gpt_jax.workdir import REPORTS_DIR, Workdir, atomic_write_bytes, open_run
@@ -189,7 +189,7 @@ def text_documents(pattern: str) -> list[str]:
     """Each file matched by `pattern` (recursive glob) is one document."""
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
-        raise FileNotFoundError(f"--lm_text_glob={pattern!r} matches no files")
+        raise cli.UsageError(f"--lm_text_glob={pattern!r} matches no files")
     docs = []
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -239,21 +239,23 @@ class TaskSpec:
 def check_example(example: dict, task_type: str, where: str) -> dict:
     """Validates one example against the schema; returns it."""
     if not isinstance(example.get("context"), str):
-        raise ValueError(f"{where}: 'context' must be a string")
+        raise ConfigError(f"{where}: 'context' must be a string")
     if task_type == "multiple_choice":
         choices, label = example.get("choices"), example.get("label")
         if not (isinstance(choices, list) and len(choices) >= 2
                 and all(isinstance(c, str) and c for c in choices)):
-            raise ValueError(f"{where}: 'choices' must be a list of 2+ non-empty strings")
-        if not (isinstance(label, int) and 0 <= label < len(choices)):
-            raise ValueError(f"{where}: 'label' must be an index into 'choices'")
+            raise ConfigError(f"{where}: 'choices' must be a list of 2+ non-empty strings")
+        if not (isinstance(label, int) and not isinstance(label, bool)
+                and 0 <= label < len(choices)):
+            raise ConfigError(f"{where}: 'label'={label!r} must be an index into 'choices' "
+                             f"(0 to {len(choices) - 1})")
     elif task_type == "generation":
         answers = example.get("answers")
         if not (isinstance(answers, list) and answers
                 and all(isinstance(a, str) and a.strip() for a in answers)):
-            raise ValueError(f"{where}: 'answers' must be a list of 1+ non-empty strings")
+            raise ConfigError(f"{where}: 'answers' must be a list of 1+ non-empty strings")
     elif not (isinstance(example.get("target"), str) and example["target"]):
-        raise ValueError(f"{where}: 'target' must be a non-empty string")
+        raise ConfigError(f"{where}: 'target' must be a non-empty string")
     return example
 
 
@@ -264,8 +266,16 @@ def load_task(path: str, limit: int = 0) -> tuple[TaskSpec, list[dict], list[dic
         raw = json.loads(epath.Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a task file is one JSON object (docs/evaluate.md)")
     raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
-    spec = TaskSpec(**raw)
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(TaskSpec)})
+    if unknown:
+        raise ConfigError(f"{path}: unknown task fields {unknown} (docs/evaluate.md)")
+    try:
+        spec = TaskSpec(**raw)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if limit:
         spec.max_examples = min(spec.max_examples or limit, limit)
     base = os.path.dirname(os.path.abspath(path))
@@ -276,15 +286,30 @@ def load_task(path: str, limit: int = 0) -> tuple[TaskSpec, list[dict], list[dic
         train_split = t.get("train_split", "")
         train = tfds_examples(t["name"], train_split, t["adapter"], t.get("data_dir", "")) \
             if train_split else None
-    else:
-        evals = data_lib.read_jsonl(os.path.join(base, spec.eval), ())
-        if spec.max_examples:
-            evals = evals[:spec.max_examples]
-        train = data_lib.read_jsonl(os.path.join(base, spec.train), ()) if spec.train else None
-    for name, split in (("eval", evals), ("train", train or [])):
+        for name, split in (("eval", evals), ("train", train or [])):
+            for i, ex in enumerate(split):
+                check_example(ex, spec.type, f"{spec.name} {name} example {i}")
+        return spec, evals, train
+    files = {"eval": os.path.join(base, spec.eval),
+             "train": os.path.join(base, spec.train) if spec.train else ""}
+    splits = {name: data_lib.read_jsonl(file, ()) for name, file in files.items() if file}
+    for name, split in splits.items():  # every example, before anything is computed
         for i, ex in enumerate(split):
-            check_example(ex, spec.type, f"{spec.name} {name} example {i}")
-    return spec, evals, train
+            try:
+                check_example(ex, spec.type, "")
+            except ConfigError as e:  # its message starts ': ...'
+                where = f"{files[name]}:{jsonl_line(files[name], i)}"
+                raise ConfigError(f"{where}{e} (task {path})") from None
+    evals = splits["eval"][:spec.max_examples] if spec.max_examples else splits["eval"]
+    return spec, evals, splits.get("train")
+
+
+def jsonl_line(path: str, index: int) -> int:
+    """The line number of the `index`-th object of a JSONL file (blank lines are
+    skipped, as `data.read_jsonl` does), for `file:line` in error messages."""
+    lines = [n for n, line in enumerate(epath.Path(path).read_text().splitlines(), 1)
+             if line.strip()]
+    return lines[index]
 
 
 def gold(example: dict) -> str:
@@ -576,6 +601,7 @@ def run(workdir: str, tasks: Sequence[str] = (), shots: Sequence[int] = (0,), se
         lm_name: str = "lm", stride: int = 0, step: int | None = None,
         out: str | None = None) -> dict:
     """Evaluates a workdir on LM documents and/or task files; returns (and writes) the report."""
+    loaded = [load_task(path, limit) for path in tasks]  # every file checked before loading
     opened = open_run(workdir, step=step)
     cfg, mesh, params, tok, step = (opened.cfg, opened.mesh, opened.params, opened.tokenizer,
                                     opened.step)
@@ -584,8 +610,7 @@ def run(workdir: str, tasks: Sequence[str] = (), shots: Sequence[int] = (0,), se
     if lm_docs is not None:
         lm = evaluate_lm(scorer, tok, lm_docs, stride or max(cfg.model.context // 2, 1))
         reports.append({"task": lm_name, "type": "lm", "metrics": lm, "num_docs": lm["num_docs"]})
-    for path in tasks:
-        spec, evals, train = load_task(path, limit)
+    for spec, evals, train in loaded:
         reports += evaluate_task(scorer, tok, spec, evals, train, shots, seed)
     report = {"workdir": str(opened.workdir), "step": step, "model": cfg.name,
               "tokenizer": tok.kind, "results": reports}
@@ -598,10 +623,32 @@ def run(workdir: str, tasks: Sequence[str] = (), shots: Sequence[int] = (0,), se
     return report
 
 
+def check_flags(f: Any) -> list[int]:
+    """The --shots as integers, after checking every flag and --tasks file before anything
+    is loaded (`cli.UsageError` naming the flag)."""
+    try:
+        shots = [int(k) for k in f.shots]
+    except ValueError:
+        raise cli.UsageError(f"--shots={','.join(f.shots)} must be integers >= 0") from None
+    for name, value, low in (("shots", min(shots, default=0), 0), ("limit", f.limit, 0),
+                             ("batch_size", f.batch_size, 1), ("stride", f.stride, 0),
+                             ("lm_max_docs", f.lm_max_docs, 0), ("step", f.step, 0)):
+        if value is not None and value < low:
+            raise cli.UsageError(f"--{name}={value} must be >= {low}")
+    for path in f.tasks:
+        if "://" not in path:
+            cli.check_input_file("--tasks", path)
+    if not (f.tasks or f.lm_text_glob or f.lm_tfds or f.lm_val):
+        raise cli.UsageError("nothing to evaluate: give --tasks and/or --lm_text_glob, "
+                             "--lm_tfds or --lm_val")
+    return shots
+
+
 def main(argv: list[str]) -> None:
     from absl import flags, logging
     del argv
     f = flags.FLAGS
+    shots = check_flags(f)
     if not f["verbosity"].present:  # orbax logs every file at INFO
         logging.set_verbosity(logging.WARNING)
     lm_docs, lm_name = None, "lm"
@@ -619,10 +666,7 @@ def main(argv: list[str]) -> None:
             "lm:val"
     if lm_docs is not None and f.lm_max_docs:
         lm_docs = list(lm_docs)[:f.lm_max_docs]
-    if lm_docs is None and not f.tasks:
-        raise SystemExit("nothing to evaluate: give --tasks and/or --lm_text_glob, --lm_tfds "
-                         "or --lm_val")
-    report = run(f.workdir, f.tasks, [int(k) for k in f.shots], f.seed, f.limit, f.batch_size,
+    report = run(f.workdir, f.tasks, shots, f.seed, f.limit, f.batch_size,
                  lm_docs, lm_name, f.stride, f.step, f.out)
     if jax.process_index() == 0:
         print(summary_table(report["results"]))
@@ -631,6 +675,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from gpt_jax import cli
     define_flags()
     cli.run(main)

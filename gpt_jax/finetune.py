@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from gpt_jax import cli, loop, sharding, steps
+from gpt_jax import cli, evaluate, loop, sharding, steps
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
@@ -233,7 +233,7 @@ def _text(value: Any) -> Any:
     return value
 
 
-def tfds_examples(name: str, split: str, data_dir: str = "") -> Iterator[tuple[dict, float]]:
+def tfds_examples(name: str, split: str, data_dir: str = "") -> Iterator[tuple[dict, Any]]:
     """(texts, label) pairs of a TFDS task in its fixed order."""
     import tensorflow_datasets as tfds
 
@@ -244,26 +244,72 @@ def tfds_examples(name: str, split: str, data_dir: str = "") -> Iterator[tuple[d
     ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
     for example in tfds.as_numpy(ds):
         texts, label = adapt({k: _text(v) for k, v in example.items()})
-        yield texts, float(label)
+        yield texts, label
 
 
-def jsonl_examples(path: str) -> Iterator[tuple[dict, float]]:
+def jsonl_examples(path: str) -> Iterator[tuple[dict, Any]]:
     """(texts, label) pairs from JSONL: one object per line with the task's text fields
     (see `transform`) and `label` (class index, choice index or similarity score)."""
     for row in data_lib.read_jsonl(path, ("label",)):
-        yield {k: v for k, v in row.items() if k != "label"}, float(row["label"])
+        yield {k: v for k, v in row.items() if k != "label"}, row["label"]
+
+
+TEXT_FIELDS = {"classification": ("text",), "entailment": ("premise", "hypothesis"),
+               "similarity": ("a", "b"), "multiple_choice": ("context",)}
+
+
+def check_example(texts: dict, label: Any, ft: ml_collections.ConfigDict) -> float:
+    """The label as a float once the example fits the task: its text fields are strings
+    and its label is one of the task's classes (an index into `choices` for multiple
+    choice; any finite number for similarity regression). Raises ValueError saying what
+    is wrong, as a bad label would otherwise train to nan, be truncated or crash."""
+    for name in TEXT_FIELDS[ft.task_type]:
+        if not isinstance(texts.get(name), str):
+            raise ValueError(f"{name!r} must be a string for finetune.task_type="
+                             f"{ft.task_type!r}")
+    regression = ft.task_type == "similarity" and ft.num_outputs == 1
+    if ft.task_type == "multiple_choice":
+        choices = texts.get("choices")
+        if not (isinstance(choices, list) and len(choices) >= 2
+                and all(isinstance(c, str) for c in choices)):
+            raise ValueError("'choices' must be a list of 2+ strings")
+        classes, what = len(choices), "an index into 'choices'"
+    else:
+        classes, what = ft.num_outputs, f"a class of finetune.num_outputs={ft.num_outputs}"
+    number = isinstance(label, (int, float, np.integer, np.floating)) \
+        and not isinstance(label, bool) and np.isfinite(label)
+    if regression:
+        if not number:
+            raise ValueError(f"'label'={label!r} must be a finite number (a similarity score)")
+        return float(label)
+    if not (number and float(label).is_integer() and 0 <= label < classes):
+        raise ValueError(f"'label'={label!r} must be {what}: an integer in [0, {classes - 1}]")
+    return float(label)
 
 
 def load_split(ft: ml_collections.ConfigDict, split: str) -> list[tuple[dict, float]]:
-    """All (texts, label) examples of 'train' or 'validation' per the finetune config."""
+    """All (texts, label) examples of 'train' or 'validation' per the finetune config,
+    each checked against the task (`check_example`) before anything is computed: a bad
+    one raises ConfigError naming `file:line` (a TFDS split: the example's index)."""
     if ft.tfds_name:
         tfds_split = ft.tfds_train_split if split == "train" else ft.tfds_val_split
-        return list(tfds_examples(ft.tfds_name, tfds_split, ft.tfds_data_dir))
-    path = ft.train_jsonl if split == "train" else ft.val_jsonl
-    if not path:
-        raise ConfigError(f"finetune.{'train' if split == 'train' else 'val'}_jsonl is empty "
-                          "and finetune.tfds_name is not set: give one data source")
-    return list(jsonl_examples(path))
+        rows, path = tfds_examples(ft.tfds_name, tfds_split, ft.tfds_data_dir), ""
+    else:
+        field = "train_jsonl" if split == "train" else "val_jsonl"
+        path = ft[field]
+        if not path:
+            raise ConfigError(f"finetune.{field} is empty and finetune.tfds_name is not set: "
+                              "give one data source")
+        rows = jsonl_examples(path)
+    examples = []
+    for i, (texts, label) in enumerate(rows):
+        try:
+            examples.append((texts, check_example(texts, label, ft)))
+        except ValueError as e:
+            where = f"{path}:{evaluate.jsonl_line(path, i)}" if path else \
+                f"{ft.tfds_name} {tfds_split} example {i}"
+            raise ConfigError(f"{where}: {e}") from None
+    return examples
 
 
 def encode_split(examples: Iterable[tuple[dict, float]], task_type: str,

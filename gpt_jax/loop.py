@@ -11,6 +11,7 @@ non-finite loss.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -207,14 +208,40 @@ class Preemption:
 
 
 _SIGTERM = threading.Event()
+_SIGINT = threading.Event()
 
 
 def catch_sigterm() -> None:
     """From here on SIGTERM only sets a flag that `Preemption` reads, so a notice that
     arrives during start-up (data, compile, restore) is honoured at the first safe point
     instead of killing the process with status 143. `cli.start` calls it first thing; on
-    several hosts JAX's preemption notifier takes SIGTERM over at distributed init."""
+    several hosts JAX's preemption notifier takes SIGTERM over at distributed init.
+    Ctrl-C (SIGINT) is the same request, passed on as a SIGTERM to this process (so on
+    several hosts the notifier tells the others) and remembered for the exit status
+    (130, `cli.run`); a second Ctrl-C exits at once, without saving."""
     signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    if _SIGINT.is_set():
+        os.write(2, b"\nerror: interrupted twice (Ctrl-C): exiting now, without saving\n")
+        os._exit(130)
+    _SIGINT.set()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C asked this process to stop."""
+    return _SIGINT.is_set()
+
+
+_COMPUTING = threading.Event()
+
+
+def computing() -> bool:
+    """Whether `run` got past start-up (restore, checks) to evaluating and training."""
+    return _COMPUTING.is_set()
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.sharding.Mesh,
@@ -271,6 +298,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
         logging.warning("SIGTERM during start-up: exiting before step %d", start)
         return final, state["params"], True
 
+    _COMPUTING.set()  # from here a failure is the run's, not the command line's (exit 1)
     if start == 0 and t.get("eval_at_start", True):  # curves start at the init loss (nanoGPT)
         writer.write(0, {**task.evaluate(state["params"]), "tokens": 0})
         tic = time.perf_counter()
@@ -318,7 +346,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
                       eval_loss=last_eval if last_eval_step == done else None, force=stop)
             writer.flush()
         if stop:
-            logging.warning("SIGTERM: checkpointed step %d, exiting", done)
+            progress.close()  # its last redraw would come after the line below
+            logging.warning("%s: checkpointed step %d, exiting",
+                            "interrupted (Ctrl-C)" if interrupted() else "SIGTERM", done)
             break
     if local_batches is not None:
         local_batches.close()  # stops reads of steps that will not run (after SIGTERM)

@@ -25,13 +25,18 @@ flags.DEFINE_string("output", None, "Store directory (local or gs://).")
 flags.mark_flags_as_required(["config", "output"])
 
 
+STAGES = ("read", "after_exact_dedup", "after_fuzzy_dedup", "after_quality_filter")  # in order
+
+
 def summary(manifest: dict, seconds: float) -> str:
     """One line per source: documents through each stage, tokens and shards per split."""
     lines = []
     docs = tokens = 0
     for name, source in sorted(manifest["sources"].items()):
         c = source["counts"]
-        funnel = " -> ".join(f"{k} {v}" for k, v in c.items() if k != "kept_fraction")
+        stages = sorted((k for k in c if k != "kept_fraction"),  # JSON sorts them by name
+                        key=lambda k: STAGES.index(k) if k in STAGES else len(STAGES))
+        funnel = " -> ".join(f"{k} {c[k]}" for k in stages)
         splits = ", ".join(f"{s} {r['num_tokens']:,} tokens in {len(r['shards'])} shards"
                            for s, r in source["splits"].items())
         lines.append(f"{name}: {funnel} (kept {c['kept_fraction']:.1%}); {splits}")

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gpt_jax import attention
+from gpt_jax import attention, cli
 from gpt_jax import model as model_lib
 
 Array = jax.Array
@@ -568,7 +568,8 @@ def define_flags() -> None:
     flags.DEFINE_string("prompt", "", "Prompt text.")
     flags.DEFINE_string("prompt_file", None, "File of prompts, one per line (overrides --prompt).")
     flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
-    flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate (at most context - 1).")
+    flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate (>= 1; may exceed the "
+                         "context: the window then slides over the last context tokens).")
     flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy.")
     flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0 = off).")
@@ -587,19 +588,25 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir"])
 
 
-def beam_flags(f: Any) -> BeamConfig | None:
-    """The beam-search flags as a BeamConfig (None for sampling); bad values exit with one
-    line naming the flag."""
-    if f.max_new_tokens < 1:
-        raise SystemExit(f"--max_new_tokens={f.max_new_tokens} must be >= 1")
+def check_flags(f: Any) -> tuple[SamplingConfig, BeamConfig | None]:
+    """The sampling and beam-search flags as configs (beam None for sampling), checked
+    before anything is loaded: a bad value raises `cli.UsageError` naming the flag."""
+    for name, low in (("max_new_tokens", 1), ("num_samples", 1), ("stream_chunk", 1),
+                      ("step", 0)):
+        if f[name].value is not None and f[name].value < low:
+            raise cli.UsageError(f"--{name}={f[name].value} must be >= {low}")
+    if f.prompt_file and not f.prompt_file.startswith("gs://"):
+        cli.check_input_file("--prompt_file", f.prompt_file)
     try:
+        sampling = SamplingConfig(f.temperature, f.top_k, f.top_p, f.repetition_penalty,
+                                  f.no_repeat_ngram_size)
         beam = BeamConfig(f.num_beams, f.length_penalty,
                           {"false": False, "true": True}.get(f.early_stopping, "never"))
     except ValueError as e:
-        raise SystemExit(f"--{e}") from None
+        raise cli.UsageError(f"--{e}") from None
     if beam.num_beams > 1 and f.stream:
-        raise SystemExit("--stream does not apply to beam search (--num_beams > 1)")
-    return beam if beam.num_beams > 1 else None
+        raise cli.UsageError("--stream does not apply to beam search (--num_beams > 1)")
+    return sampling, beam if beam.num_beams > 1 else None
 
 
 def continuation(tok: Any, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
@@ -615,7 +622,7 @@ def main(argv: list[str]) -> None:
     from absl import flags, logging
     del argv
     f = flags.FLAGS
-    beam = beam_flags(f)  # bad values fail before anything is loaded
+    sampling, beam = check_flags(f)  # bad values fail before anything is loaded
     if not f["verbosity"].present:  # orbax logs every file at INFO
         logging.set_verbosity("warning")
     from etils import epath
@@ -628,8 +635,6 @@ def main(argv: list[str]) -> None:
                  if line.strip()]
     else:
         texts = [f.prompt.replace("\\n", "\n")]  # a literal \n in --prompt is a newline
-    sampling = SamplingConfig(f.temperature, f.top_k, f.top_p, f.repetition_penalty,
-                              f.no_repeat_ngram_size)
     rows = [(text, tok.encode(text)) for text in texts for _ in range(f.num_samples)]
     if not f.stream:
         outs = generate(cfg.model, params, [ids for _, ids in rows], sampling,
@@ -658,6 +663,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from gpt_jax import cli
     define_flags()
     cli.run(main)

@@ -112,4 +112,5 @@ def test_sampling_past_the_context_slides_the_window(capsys):
 def test_cli_bad_beam_flag_fails_in_one_line(tmp_path):
     res = run_python(["-m", "gpt_jax.sample", f"--workdir={tmp_path}", "--num_beams=65"],
                      timeout=120)
-    assert res.returncode == 1 and res.stderr.strip() == "--num_beams=65 must be in [1, 64]"
+    assert res.returncode == 2  # a usage error, found before anything is loaded
+    assert res.stderr.strip() == "error: --num_beams=65 must be in [1, 64]"

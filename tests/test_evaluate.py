@@ -127,7 +127,7 @@ def test_task_files_load_and_validate(tmp_path):
                                                     "label": 0}) + "\n")
     (tmp_path / "bad.json").write_text(json.dumps({"type": "multiple_choice",
                                                    "eval": "bad.jsonl"}))
-    with pytest.raises(ValueError, match="bad eval example 0: 'choices'"):
+    with pytest.raises(ValueError, match="bad.jsonl:1: 'choices'"):
         E.load_task(str(tmp_path / "bad.json"))
 
 
