@@ -3,17 +3,22 @@ filters inside the pipeline, and training on the store."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import shlex
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
-from conftest import run_python, stdlib_text_corpus
+from conftest import REPO, run_python, stdlib_text_corpus
 from test_train import losses, train_args
 
 from gpt_jax import config, data
 from gpt_jax import tokenizer as T
-from gpt_jax.data import pipeline, quality
+from gpt_jax.data import pipeline, quality, workers
 
 CORPUS_FILES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py", "heapq.py", "bisect.py",
                 "colorsys.py", "glob.py", "keyword.py", "queue.py")
@@ -182,3 +187,96 @@ def test_hugging_face_jsonl_source(tmp_path):
     assert len(train) + len(list(source.docs("val"))) == 40 and 20 < len(train) < 40
     assert corpus.tokenizer.decode(np.asarray(corpus.train)) == "".join(
         t + T.EOT for t in train)
+
+
+# ---------------------------------------------------------------- remote workers
+
+# Wheels the clean worker environments install from, filled from PyPI on first use (pip's
+# HTTP cache does not keep them here), so later runs install offline.
+WHEELHOUSE = os.environ.get("GPT_JAX_WHEELHOUSE",
+                            os.path.expanduser("~/.cache/gpt_jax/worker-wheels"))
+
+
+def readme_dataflow_args():
+    """The Beam arguments of the README's Dataflow command (after its `--`)."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    start = text.index("python -m gpt_jax.prepare --config=experiments/gpt3.py:175b")
+    command = text[start:text.index("\npython -m gpt_jax.train", start)].replace("\\\n", " ")
+    args = shlex.split(command)
+    return args[args.index("--") + 1:]
+
+
+# The pipeline's launcher and transforms, without the prepare CLI (whose flag handling imports
+# the training stack, as the launcher may): argv = corpus directory, output, Beam arguments.
+WORKER_DRIVER = """
+import sys
+from gpt_jax import config
+from gpt_jax.data import pipeline
+cfg = config.base_config()
+cfg.model.vocab_size, cfg.model.context = 256, 16
+cfg.data.update(source="text", text_glob=sys.argv[1] + "/*.txt", tokenizer="char",
+                shard_tokens=4096, val_fraction=0.3)
+cfg.data.dedup.update(exact=True, fuzzy=True)
+pipeline.run(cfg, sys.argv[2], sys.argv[3:])
+"""
+
+
+def _pip(python, *args):
+    done = subprocess.run([python, "-m", "pip", "-q", *args], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_clean_worker_environment_runs_the_pipeline(corpus_dir, tmp_path):
+    """The README's Dataflow command stages a setup file; Beam's stager builds it; a clean
+    virtual environment with only that package (and apache-beam, which Dataflow's container
+    holds) installed runs the pipeline and writes the same store as this process does."""
+    from apache_beam.runners.portability.stager import Stager
+
+    tic = time.perf_counter()
+    cfg = config.base_config()
+    cfg.data.dedup.fuzzy = True  # WORKER_DRIVER's recipe: fuzzy dedup, no quality filter
+    specs = pipeline.check_recipe(cfg)
+    args = readme_dataflow_args()
+    assert workers.runner(args) == "DataflowRunner"
+    staged = workers.stage(args, specs, False, str(tmp_path / "staging"))
+    setup_file = staged[-1].split("=", 1)[1]
+    assert staged == [*args, f"--setup_file={setup_file}"]
+    sdist = Stager._build_setup_package(setup_file, str(tmp_path / "sdist"))  # as Beam does
+    requires = workers.requirements(specs, False)
+    assert any(r.startswith("datasketch==") for r in requires)
+    assert not any(r.startswith("scikit-learn") for r in requires)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    beam = f"apache-beam=={importlib.metadata.version('apache-beam')}"
+    os.makedirs(WHEELHOUSE, exist_ok=True)
+    # (setuptools and wheel: what pip builds the sdist with, as on a worker)
+    _pip(python, "download", "-d", WHEELHOUSE, "--find-links", WHEELHOUSE, beam, sdist,
+         "setuptools", "wheel")
+    _pip(python, "install", "--no-index", "--find-links", WHEELHOUSE, beam)  # the container
+    _pip(python, "install", "--no-index", "--find-links", WHEELHOUSE, sdist)  # the worker boot
+    installed = time.perf_counter() - tic
+
+    cwd = tmp_path / "cwd"  # empty: nothing of the source tree on the path
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    absent = subprocess.run([python, "-c", "import gpt_jax, sklearn"], cwd=cwd, env=env,
+                            capture_output=True, text=True)
+    assert "No module named 'sklearn'" in absent.stderr  # the developer's packages are absent
+
+    def prepare(python, out, *beam_args):
+        done = subprocess.run([python, "-c", WORKER_DRIVER, str(corpus_dir), str(out),
+                               *beam_args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((out / "manifest.json").read_text())
+
+    theirs = prepare(python, tmp_path / "worker_store", *BEAM_2_WORKERS[1:])
+    ours = prepare(sys.executable, tmp_path / "store")  # this environment, one worker
+    assert theirs["sources"] == ours["sources"] and theirs["tokenizer"] == ours["tokenizer"]
+    counts = ours["sources"]["text"]["counts"]
+    assert 0 < counts["after_fuzzy_dedup"] <= counts["read"]
+    print(f"worker environment: {installed:.0f} s to build and install, "
+          f"{time.perf_counter() - tic:.0f} s in all")

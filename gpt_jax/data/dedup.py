@@ -29,10 +29,10 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Iterable
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from datasketch import MinHash
 
 NAMESPACE = "gpt_jax.dedup"
 _WORD = re.compile(r"\w+")
@@ -65,7 +65,10 @@ def shingles(text: str, n: int) -> set[str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _template(num_perm: int, seed: int) -> MinHash:
+def _template(num_perm: int, seed: int) -> Any:
+    # Imported on use: only fuzzy dedup needs datasketch, so workers of a recipe without it
+    # need not install it (data.workers stages it only when data.dedup.fuzzy is on).
+    from datasketch import MinHash
     return MinHash(num_perm=num_perm, seed=seed, scheme="affine64")
 
 

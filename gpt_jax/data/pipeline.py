@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,7 @@ from etils import epath
 
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.config import ConfigError
-from gpt_jax.data import dedup, encode, quality, sources, store
+from gpt_jax.data import dedup, encode, quality, sources, store, workers
 from gpt_jax.tokenizer import Tokenizer
 
 DOCS_PER_CHUNK = 1024  # consecutive documents tokenized into one array before sharding
@@ -315,6 +316,7 @@ def run(cfg: ml_collections.ConfigDict, output: str, beam_args: list[str]) -> di
     """Prepares the store at `output`; returns its manifest. The tokenizer is made or read as
     the in-process path does (`data.tokenizer`), then saved into the store."""
     specs = check_recipe(cfg)
+    workers.check_sources(specs, beam_args, single=not cfg.data.get("sources"))
     out = epath.Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / store.MANIFEST).unlink(missing_ok=True)  # from here on the store reads incomplete
@@ -331,6 +333,9 @@ def run(cfg: ml_collections.ConfigDict, output: str, beam_args: list[str]) -> di
         recipe["quality_classifier"] = train_classifier(cfg, made, out)
     if not any(a.startswith("--runner") for a in beam_args):
         beam_args = ["--runner=DirectRunner", *beam_args]
-    with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-        build(p, cfg, os.fspath(out), tok, specs, made, recipe)
+    with tempfile.TemporaryDirectory(prefix="gpt_jax-staging-") as staging:
+        # A remote runner's workers get the gpt_jax wheel and the pinned requirements.
+        beam_args = workers.stage(beam_args, specs, cfg.data.quality.enabled, staging)
+        with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+            build(p, cfg, os.fspath(out), tok, specs, made, recipe)
     return store.TokenStore.open(out, field="--output").manifest

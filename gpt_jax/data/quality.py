@@ -12,12 +12,11 @@ import hashlib
 import os
 import pickle
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
 from etils import epath
-from sklearn.feature_extraction.text import HashingVectorizer
-from sklearn.linear_model import LogisticRegression
 
 NAMESPACE = "gpt_jax.quality"
 TOKEN_PATTERN = r"(?u)\b\w+\b"  # every word, single characters included
@@ -29,14 +28,19 @@ class QualityClassifier:
     `heldout_accuracy`: accuracy on the seeded 20% that `train` held out.
     """
 
-    def __init__(self, vectorizer: HashingVectorizer, model: LogisticRegression,
-                 heldout_accuracy: float = float("nan")):
+    def __init__(self, vectorizer: Any, model: Any, heldout_accuracy: float = float("nan")):
+        """`vectorizer`: a scikit-learn HashingVectorizer; `model`: its LogisticRegression."""
         self.vectorizer, self.model, self.heldout_accuracy = vectorizer, model, heldout_accuracy
 
     @classmethod
     def train(cls, reference_docs: Sequence[str], raw_docs: Sequence[str], *,
               num_features_log2: int = 18, seed: int = 0) -> QualityClassifier:
         """Fits on 80% of the documents (seeded split), reports accuracy on the other 20%."""
+        # Imported on use: only the quality filter needs scikit-learn, so workers of a recipe
+        # without it need not install it (unpickling a classifier imports it there).
+        from sklearn.feature_extraction.text import HashingVectorizer
+        from sklearn.linear_model import LogisticRegression
+
         vectorizer = HashingVectorizer(n_features=2**num_features_log2, alternate_sign=False,
                                        norm="l2", lowercase=True, token_pattern=TOKEN_PATTERN)
         texts = list(reference_docs) + list(raw_docs)
