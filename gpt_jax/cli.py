@@ -19,7 +19,8 @@ from ml_collections import config_flags
 
 
 def define_run_flags(config_help: str = "Experiment config file.", init_from: bool = False) -> None:
-    """--config, --workdir (required), --init_from (if asked) and the multi-process flags."""
+    """--config, --workdir (required), --init_from (if asked), --restart and the
+    multi-process flags."""
     config_flags.DEFINE_config_file("config", None, config_help)
     flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
     required = ["config", "workdir"]
@@ -31,7 +32,17 @@ def define_run_flags(config_help: str = "Experiment config file.", init_from: bo
         "host:port of process 0 for multi-process runs; auto-detected on Cloud TPU VMs and SLURM.")
     flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
     flags.DEFINE_integer("process_id", None, "This process's index.")
+    flags.DEFINE_boolean(
+        "restart", False,
+        "Start over from step 0 on a workdir whose metrics show progress but that holds no "
+        "restorable checkpoint (its metrics rows are set aside); without it such a run stops.")
     flags.mark_flags_as_required(required)
+
+
+def restart_requested() -> bool:
+    """Whether this run command was given --restart (False in a program without the flag)."""
+    f = flags.FLAGS
+    return "restart" in f and f.is_parsed() and bool(f.restart)
 
 
 def start() -> None:

@@ -74,6 +74,17 @@ def abstract_inputs(trainer: loop.Trainer) -> tuple:
     return state, batch_MxBxT1, rng, num_micro
 
 
+def abstract_eval_inputs(trainer: loop.Trainer) -> tuple:
+    """ShapeDtypeStructs (with shardings) for eval_step(params, windows_BxT1): one
+    microbatch of windows, the params sharded as in training."""
+    cfg = trainer.cfg
+    params = ckpt_lib.abstract_with_shardings(trainer.abstract_params, trainer.param_shardings)
+    windows_BxT1 = jax.ShapeDtypeStruct(
+        (cfg.train.batch_size // cfg.train.microbatches, cfg.model.context + 1), jnp.int32,
+        sharding=sharding.batch_sharding(trainer.mesh, 2))
+    return params, windows_BxT1
+
+
 @dataclasses.dataclass
 class Report:
     """What one AOT compilation says; bytes, FLOPs and seconds are per chip unless named

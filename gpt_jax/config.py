@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_at_start = True  # evaluate before the first step too (nanoGPT): curves start at init
     t.ckpt_every = 200
     t.keep = 2
+    # A trainer's lease on its workdir (gpt_jax/lease.py) whose heartbeat is older than
+    # this is taken over by the next trainer; the heartbeat is refreshed every timeout / 5.
+    t.lease_timeout_s = 300.0
     t.sample_tokens = 64
     t.sample_prompt = "def "
     t.sample_temperature = 0.8  # 0 = greedy

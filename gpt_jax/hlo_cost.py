@@ -415,3 +415,27 @@ def hlo_cost(hlo_text: str, uncounted_trip_count: int) -> HloCost:
         return total
 
     return cost(entry, False)
+
+
+def loop_depths(hlo_text: str) -> list[tuple[int, Instr]]:
+    """Every instruction of an optimized HLO module with the number of while loops around
+    it (0: runs once per step): what the HLO tests read to say where a collective or a
+    convert happens, e.g. a layer's weight gather inside the scanned layer loop."""
+    comps, entry = parse_hlo(hlo_text)
+    depth: dict[str, int] = {}
+
+    def walk(name: str, d: int) -> None:
+        if depth.get(name, -1) >= d:
+            return
+        depth[name] = d
+        for instr in comps[name]:
+            called = re.findall(r"(?:calls|body|condition|to_apply|true_computation|"
+                                r"false_computation)=%?([^\s,}]+)", instr.attrs)
+            if branches := re.search(r"branch_computations=\{([^}]*)\}", instr.attrs):
+                called += re.findall(r"%?([^\s,]+)", branches.group(1))
+            for callee in called:
+                if callee in comps:
+                    walk(callee, d + (instr.opcode == "while"))
+
+    walk(entry, 0)
+    return [(d, instr) for name, d in depth.items() for instr in comps[name]]

@@ -27,12 +27,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from gpt_jax import checkpoint as ckpt_lib
+from gpt_jax import cli, optim, sharding, steps
 from gpt_jax import data as data_lib
+from gpt_jax import lease as lease_lib
 from gpt_jax import model as model_lib
-from gpt_jax import optim, sharding, steps
 from gpt_jax.flops import device_peak_flops
-from gpt_jax.metrics import MetricsWriter
-from gpt_jax.workdir import Workdir, check_compatible
+from gpt_jax.metrics import MetricsWriter, last_step
+from gpt_jax.workdir import Workdir, WorkdirError, check_compatible
 
 
 class NonFiniteLossError(RuntimeError):
@@ -245,20 +246,67 @@ def computing() -> bool:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.sharding.Mesh,
-        task: Task) -> tuple[dict, Any, bool]:
-    """Trains `task` to `train.steps`, resuming from `workdir`.
+        task: Task, restart: bool | None = None) -> tuple[dict, Any, bool]:
+    """Trains `task` to `train.steps`, resuming from `workdir`, as its one writer: process 0
+    holds the workdir's lease (`gpt_jax.lease`) until this returns. `restart` (default:
+    the command's --restart) lets a workdir whose metrics show progress but that holds no
+    restorable checkpoint start over (see `check_fresh_start`).
 
     Returns (last logged metrics, final params, whether the run was preempted).
     """
     workdir = Workdir(workdir)
+    lease = take_lease(workdir, cfg)
+    try:
+        return _run(cfg, workdir, mesh, task, lease,
+                    cli.restart_requested() if restart is None else restart)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def take_lease(workdir: Workdir, cfg: ml_collections.ConfigDict) -> lease_lib.Lease | None:
+    """Process 0 takes the workdir's lease for the job (None elsewhere); when it cannot,
+    every process stops with its one line, before anything is written or computed."""
+    held, error = None, None
+    if jax.process_index() == 0:
+        try:
+            held = lease_lib.acquire(workdir, cfg.train.get("lease_timeout_s",
+                                                            lease_lib.DEFAULT_TIMEOUT_S))
+        except WorkdirError as e:
+            error = e
+    if jax.process_count() > 1 and not int(
+            multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+        error = error or lease_lib.LeaseError(f"process 0 could not take the lease on "
+                                              f"{workdir} (its error says why)")
+    if error is not None:
+        raise error
+    return held
+
+
+def check_fresh_start(workdir: Workdir, restart: bool) -> None:
+    """Refuses, in one line, to train from step 0 a workdir whose metrics show progress but
+    that holds no restorable checkpoint (its first save was cut off, or its checkpoints
+    were deleted), unless `restart`: starting over silently would repeat every step."""
+    logged = last_step(workdir)
+    if logged > 0 and not restart:
+        raise WorkdirError(f"--workdir={workdir} logged steps up to {logged} but holds no "
+                           f"restorable checkpoint in {workdir.checkpoints} (its first save "
+                           "did not complete): rerun with --restart to train it from step 0 "
+                           "(the rows logged are set aside), or use another --workdir")
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Mesh,
+         task: Task, lease: lease_lib.Lease | None, restart: bool) -> tuple[dict, Any, bool]:
     trainer = build_trainer(cfg, mesh, task.loss_fn, task.boxed_params, task.init_params,
                             task.optimizer)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep)
     ckpt.check_writable()
+    if ckpt.latest_step() is None:
+        check_fresh_start(workdir, restart)
     state, meta = restore_or_init(trainer, ckpt, workdir)
     workdir.write_config(cfg)  # only now: a run that cannot resume keeps its config.json
     start, t = int(state["step"]), cfg.train
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, resume_step=start)  # sets aside rows it will rewrite
     preemption = Preemption()
     rng = jax.random.key(cfg.seed + 1)
     lr = optim.learning_rate_schedule(cfg)
@@ -317,6 +365,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
                 state, metrics = custom_step(state, step)
         pending.append((step + 1, metrics["loss"]))
         ckpt.check()  # a failed asynchronous save stops the run now, not at the next save
+        if lease is not None:
+            lease.check()  # taken over by another writer: stop before writing more
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
             losses = check_losses()

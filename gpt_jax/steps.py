@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from gpt_jax import model as model_lib
+from gpt_jax import sharding
 
 Array = jax.Array
 LossFn = Callable[[Any, Any, Array], tuple[Array, dict[str, Array]]]
@@ -103,3 +104,22 @@ def make_eval_step(model_cfg: ml_collections.ConfigDict) -> Callable:
         return cross_entropy(logits, windows_BxT1[:, 1:])
 
     return eval_step
+
+
+def jit_eval_step(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  param_shardings: Any = None) -> Callable:
+    """`make_eval_step` jitted on the training mesh: traced under the same
+    activation-sharding context as the train step, so attention takes the same kernel
+    (a splash `shard_map` over the mesh on multi-chip TPUs, where an unbound mesh falls
+    back to XLA) and activations are laid out as in training; the sums come back
+    replicated. With `param_shardings` the params must arrive sharded like the trainer's."""
+    eval_step = make_eval_step(model_cfg)
+
+    def bound(params: Any, windows_BxT1: Array) -> tuple[Array, Array]:
+        with sharding.activation_sharding(mesh):
+            return eval_step(params, windows_BxT1)
+
+    repl = sharding.replicated(mesh)
+    pinned = ({} if param_shardings is None else
+              {"in_shardings": (param_shardings, sharding.batch_sharding(mesh, 2))})
+    return jax.jit(bound, out_shardings=(repl, repl), **pinned)

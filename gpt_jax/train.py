@@ -44,7 +44,7 @@ def make_evaluate(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                   corpus: data_lib.Corpus) -> Any:
     """params -> {eval_loss, eval_ppl, eval_bpb} over fixed validation windows; a mixture
     also reports each source's `eval_loss/<name>` and the weighted mean as eval_loss."""
-    eval_step = jax.jit(steps.make_eval_step(cfg.model))
+    eval_step = steps.jit_eval_step(cfg.model, mesh)  # the training mesh: its attention kernel
 
     def source_loss(params: Any, name: str) -> float:
         total, count = 0.0, 0.0
