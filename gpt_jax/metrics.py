@@ -2,7 +2,16 @@
 
 Only process 0 writes. Each line of metrics.jsonl is one JSON object with at
 least `step`; training lines carry `loss`, eval lines `eval_loss`. Readers
-(`gpt_jax.plot`, the notebooks) read this file and nothing else.
+(`gpt_jax.plot`, the notebooks) read it through `read_metrics`.
+
+Integrity. A kill mid-write can leave a partial last line: the writer drops it when it
+opens the file (one warning line), and a reader recovers any whole row that was appended
+onto such a fragment. A resumed run sets aside the rows it will write again (those past
+the step it restored, all of them when it starts over) into `metrics.jsonl.after-<step>`,
+so each step is logged once. On gs://, where an object cannot be appended to, a live run
+writes its rows as numbered segment objects `metrics.jsonl.d/<n>.jsonl` (each flush
+writes only the rows since the last one) that readers concatenate after `metrics.jsonl`;
+opening and closing the writer fold them into `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -10,25 +19,33 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
+from etils import epath
 
-from gpt_jax.workdir import METRICS_FILE, Workdir, WorkdirError
+from gpt_jax.workdir import METRICS_FILE, Workdir, WorkdirError, describe_error
+
+SEGMENTS_DIR = METRICS_FILE + ".d"  # gs:// only: a live run's rows since it opened
+_STEP = '{"step"'  # how every row starts (the writer puts `step` first)
 
 
 class MetricsWriter:
     """Appends rows to `metrics.jsonl` and TensorBoard (process 0 only).
 
-    Locally each row is appended and flushed at once. A Cloud Storage object cannot be
-    appended to, so on gs:// the file is rewritten whole, at most every `remote_flush_s`
-    seconds and at every `flush()`; the loop flushes at each checkpoint, so the rows up to
-    the last checkpoint are always in the bucket and a resumed run recomputes the rest.
+    `resume_step`: the step this run starts from; rows of an earlier attempt past it (all
+    of them at 0) are set aside first, and TensorBoard hides its events from then on.
+    None keeps every row. Locally each row is appended and flushed at once. On gs:// the
+    rows since the last flush go into one new segment object, at most every
+    `remote_flush_s` seconds and at every `flush()`; the loop flushes at each checkpoint,
+    so the rows up to the last checkpoint are always in the bucket.
     """
 
     def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True,
-                 remote_flush_s: float = 10.0) -> None:
+                 remote_flush_s: float = 10.0, resume_step: int | None = None) -> None:
         self.active = jax.process_index() == 0
         self._file = None
         self._tb = None
@@ -39,13 +56,16 @@ class MetricsWriter:
         self._workdir.path.mkdir(parents=True, exist_ok=True)
         self._remote_flush_s = remote_flush_s
         if self._workdir.remote:
-            self._text = self._path.read_text() if self._path.exists() else ""
-            self._last_flush, self._dirty = time.monotonic(), False
+            self._segment = _fold_segments(self._workdir, resume_step)
+            self._pending: list[str] = []
+            self._last_flush = time.monotonic()
         else:
+            _repair_local(self._workdir, resume_step)
             self._file = self._path.open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter  # writes gs:// through google-cloud-storage
-            self._tb = SummaryWriter(self._workdir.tensorboard)
+            purge = None if resume_step is None else resume_step + (resume_step > 0)
+            self._tb = SummaryWriter(self._workdir.tensorboard, purge_step=purge)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
@@ -57,7 +77,7 @@ class MetricsWriter:
             self._file.write(line)
             self._file.flush()
         else:
-            self._text, self._dirty = self._text + line, True
+            self._pending.append(line)
             if time.monotonic() - self._last_flush >= self._remote_flush_s:
                 self._flush_remote()
         if self._tb is not None:
@@ -66,9 +86,12 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, step)
 
     def _flush_remote(self) -> None:
-        if self._dirty:
-            self._workdir.write_text(METRICS_FILE, self._text)
-        self._last_flush, self._dirty = time.monotonic(), False
+        if self._pending:
+            self._workdir.write_text(f"{SEGMENTS_DIR}/{self._segment:06d}.jsonl",
+                                     "".join(self._pending))
+            self._segment += 1
+            self._pending = []
+        self._last_flush = time.monotonic()
 
     def flush(self) -> None:
         """Makes every row written so far durable (metrics.jsonl and TensorBoard)."""
@@ -82,11 +105,19 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        """Flushes; on gs:// also folds the run's segments into metrics.jsonl (once: a
+        failure leaves the segments, which readers still read)."""
         if not self.active:
             return
         self.flush()
         if self._file is not None:
             self._file.close()
+        else:
+            try:
+                _fold_segments(self._workdir, None)
+            except WorkdirError as e:
+                print(f"warning: {e}; its rows stay in {self._workdir / SEGMENTS_DIR}",
+                      file=sys.stderr, flush=True)
         if self._tb is not None:
             self._tb.close()
         self.active = False
@@ -100,20 +131,153 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All rows of a run's metrics.jsonl, local or gs://: a row repeated by a resumed run
-    (same step, same keys) keeps its last value; rows of one step with different keys
-    (training, evaluation) are all kept; a line still being written is skipped."""
-    rows: dict[tuple, dict] = {}
-    try:
-        text = Workdir(workdir).read_text(METRICS_FILE)
-    except FileNotFoundError:
-        raise WorkdirError(f"{Workdir(workdir) / METRICS_FILE} not found: no metrics logged "
-                           "in this run yet") from None
+def parse_rows(text: str) -> tuple[list[tuple[str, dict]], str]:
+    """(line text, row) of every whole row in `text`, and its trailing partial line ('' if
+    none). A row written onto the fragment a kill left is recovered, the fragment dropped."""
+    partial = ""
+    if text and not text.endswith("\n"):
+        cut = text.rfind("\n") + 1
+        text, partial = text[:cut], text[cut:]
+    rows, decoder = [], json.JSONDecoder()
     for line in text.splitlines():
-        try:
-            row = json.loads(line)
+        at = 0 if line.startswith(_STEP) else line.find(_STEP)
+        while at >= 0:
+            try:
+                row, end = decoder.raw_decode(line, at)
+            except json.JSONDecodeError:
+                at = line.find(_STEP, at + 1)
+                continue
+            if isinstance(row, dict) and "step" in row:
+                rows.append((line[at:end], row))
+            at = line.find(_STEP, end)
+    if partial:
+        try:  # a whole row whose newline was cut off
+            row = json.loads(partial)
+            rows.append((partial, row))
+            partial = ""
         except json.JSONDecodeError:
-            continue  # a run still writing
+            pass
+    return rows, partial
+
+
+def _split(rows: list[tuple[str, dict]], resume_step: int | None,
+           ) -> tuple[list[str], list[str]]:
+    """(lines kept, lines set aside) for a run that resumes at `resume_step`."""
+    if resume_step is None:
+        return [t for t, _ in rows], []
+    past = (lambda s: True) if resume_step == 0 else (lambda s: s > resume_step)
+    kept = [t for t, r in rows if not past(r["step"])]
+    return kept, [t for t, r in rows if past(r["step"])]
+
+
+def _set_aside(workdir: Workdir, lines: list[str], resume_step: int) -> None:
+    """Appends `lines` to metrics.jsonl.after-<step>, with one line saying so."""
+    name = f"{METRICS_FILE}.after-{resume_step}"
+    try:
+        old = workdir.read_text(name)
+    except FileNotFoundError:
+        old = ""
+    workdir.write_text(name, old + "".join(t + "\n" for t in lines))
+    what = "all of them: the run starts over" if resume_step == 0 else \
+        f"past step {resume_step}, which this run resumes from"
+    print(f"warning: set aside {len(lines)} rows of {workdir / METRICS_FILE} ({what}) into "
+          f"{workdir / name}", file=sys.stderr, flush=True)
+
+
+def _repair_local(workdir: Workdir, resume_step: int | None) -> None:
+    """Drops a trailing partial line (one warning) and sets aside the rows the run will
+    write again; rewrites metrics.jsonl atomically only if anything changed."""
+    path = workdir / METRICS_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    rows, partial = parse_rows(text)
+    kept, aside = _split(rows, resume_step)
+    if partial:
+        print(f"warning: {path} ended in a partial line ({len(partial)} bytes, a write cut "
+              "off by a kill); dropped it", file=sys.stderr, flush=True)
+    if aside:
+        _set_aside(workdir, aside, resume_step)
+    body = "".join(t + "\n" for t in kept)
+    if body != text:
+        workdir.write_text(METRICS_FILE, body)
+
+
+def _segments(workdir: Workdir) -> list[epath.Path]:
+    """The segment objects of a gs:// run, in order."""
+    directory = workdir / SEGMENTS_DIR
+    try:
+        paths = [p for p in directory.iterdir() if p.name.split(".")[0].isdigit()]
+    except FileNotFoundError:
+        return []
+    return sorted(paths, key=lambda p: int(p.name.split(".")[0]))
+
+
+def _read_all(workdir: Workdir) -> tuple[str, list[epath.Path]]:
+    """metrics.jsonl followed by every segment (read concurrently), and the segments.
+    Raises FileNotFoundError when there is neither."""
+    segments = _segments(workdir)
+    try:
+        head = workdir.read_text(METRICS_FILE)
+    except FileNotFoundError:
+        if not segments:
+            raise
+        head = ""
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(lambda p: p.read_text(), segments))
+    except FileNotFoundError:  # folded by a closing writer meanwhile: read again
+        return _read_all(workdir)
+    except Exception as e:  # noqa: BLE001 - any client's failure becomes one line
+        raise WorkdirError(describe_error(workdir / SEGMENTS_DIR, e)) from e
+    return head + "".join(texts), segments
+
+
+def _fold_segments(workdir: Workdir, resume_step: int | None) -> int:
+    """gs://: folds metrics.jsonl and its segments into metrics.jsonl (setting aside the
+    rows past `resume_step`), deletes the segments; the next segment's number."""
+    try:
+        text, segments = _read_all(workdir)
+    except FileNotFoundError:
+        return 0
+    rows, _ = parse_rows(text)
+    kept, aside = _split(rows, resume_step)
+    if aside:
+        _set_aside(workdir, aside, resume_step)
+    if segments or aside:
+        workdir.write_text(METRICS_FILE, "".join(t + "\n" for t in kept))
+    for path in segments:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            raise WorkdirError(describe_error(path, e)) from e
+    return int(segments[-1].name.split(".")[0]) + 1 if segments else 0
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All rows of a run's metrics (metrics.jsonl, then a live gs:// run's segments): a row
+    repeated by a resumed run (same step, same keys) keeps its last value; rows of one
+    step with different keys (training, evaluation) are all kept; a line still being
+    written is skipped, and a row written onto a fragment is recovered."""
+    workdir = Workdir(workdir)
+    try:
+        text, _ = _read_all(workdir)
+    except FileNotFoundError:
+        raise WorkdirError(f"{workdir / METRICS_FILE} not found: no metrics logged "
+                           "in this run yet") from None
+    rows: dict[tuple, dict] = {}
+    for _, row in parse_rows(text)[0]:
         rows[(row["step"], tuple(sorted(row)))] = row  # a rerun step: same keys, last wins
     return sorted(rows.values(), key=lambda r: r["step"])
+
+
+def last_step(workdir: str | os.PathLike) -> int:
+    """The largest step a run's metrics log (0 when it has none)."""
+    try:
+        text, _ = _read_all(Workdir(workdir))
+    except FileNotFoundError:
+        return 0
+    return max((r["step"] for _, r in parse_rows(text)[0]), default=0)

@@ -228,7 +228,9 @@ def test_fine_tune_imported_gpt1_and_resume(hf_dir, tmp_path):
     assert again["loss"] == first["loss"] and again["eval_loss"] == first["eval_loss"]
     with open(workdir / "metrics.jsonl") as f:
         steps = [row["step"] for row in map(json.loads, f) if "loss" in row]
-    assert steps == [1, 2, 3, 4, 3, 4]  # the rerun started at step 3
+    assert steps == [1, 2, 3, 4]  # the rerun started at step 3 and set 3, 4 aside first
+    with open(workdir / "metrics.jsonl.after-2") as f:
+        assert [row["step"] for row in map(json.loads, f) if "loss" in row] == [3, 4]
     pre, ft = Workdir(imported).read_config().model, Workdir(workdir).read_config().model
     assert ft.vocab_size == pre.vocab_size + 3 and ft.norm == "post"
     assert isinstance(Workdir(workdir).tokenizer(), tokenizer_lib.GPT1Tokenizer)
