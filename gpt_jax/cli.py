@@ -36,6 +36,11 @@ def define_run_flags(config_help: str = "Experiment config file.", init_from: bo
         "restart", False,
         "Start over from step 0 on a workdir whose metrics show progress but that holds no "
         "restorable checkpoint (its metrics rows are set aside); without it such a run stops.")
+    flags.DEFINE_list(
+        "accept_changes", [],
+        "Resume although these changed since the checkpoint (comma-separated: config, "
+        "schedule, tokenizer, store, code); each is printed and recorded in metrics.jsonl. "
+        "Without it such a resume stops, naming the change (README, \"Resume\").")
     flags.mark_flags_as_required(required)
 
 
@@ -43,6 +48,12 @@ def restart_requested() -> bool:
     """Whether this run command was given --restart (False in a program without the flag)."""
     f = flags.FLAGS
     return "restart" in f and f.is_parsed() and bool(f.restart)
+
+
+def accepted_changes() -> list[str]:
+    """This run command's --accept_changes ([] in a program without the flag)."""
+    f = flags.FLAGS
+    return list(f.accept_changes) if "accept_changes" in f and f.is_parsed() else []
 
 
 def start() -> None:

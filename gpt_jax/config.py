@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     o.warmup_tokens = 0  # if > 0, overrides warmup_steps
     o.decay_steps = 0  # 0 means train.steps
     o.decay_tokens = 0  # if > 0, overrides decay_steps
+    # Extending a run (README "Extending a run"): from this step on the lr decays, in the
+    # shape of `schedule`, from its value there to final_lr_frac * peak at train.steps.
+    o.extend_from_step = 0  # 0: off
     o.final_lr_frac = 0.1
     o.warmup_frac = 0.0  # fine-tuning: warmup as a fraction of all steps
     o.b1 = 0.9

@@ -27,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from gpt_jax import checkpoint as ckpt_lib
-from gpt_jax import cli, optim, sharding, steps
+from gpt_jax import cli, optim, provenance, sharding, steps
 from gpt_jax import data as data_lib
 from gpt_jax import lease as lease_lib
 from gpt_jax import model as model_lib
@@ -66,6 +66,11 @@ class Task:
     # several updates); it must be a pure function of (state, step) for an exact resume.
     # It runs under the activation-sharding context; other metrics it returns are logged.
     make_step: Callable[[Trainer], Callable[[dict, int], tuple[dict, dict]]] | None = None
+    # The tokenizer and data.TokenStore the run trains on, when it has them: their sha256 /
+    # fingerprint go into every checkpoint's provenance and are checked on resume; the
+    # tokenizer is saved into the workdir once that check has passed.
+    tokenizer: Any = None
+    token_store: Any = None
 
 
 @dataclass
@@ -303,10 +308,17 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
     ckpt.check_writable()
     if ckpt.latest_step() is None:
         check_fresh_start(workdir, restart)
+    accept = provenance.parse_accept(cli.accepted_changes())
+    record = provenance.compute(cfg, task.tokenizer, task.token_store)
     state, meta = restore_or_init(trainer, ckpt, workdir)
+    changes = (provenance.verify_resume(meta, record, cfg, workdir, accept,
+                                        show=jax.process_index() == 0) if meta else [])
     workdir.write_config(cfg)  # only now: a run that cannot resume keeps its config.json
+    if task.tokenizer is not None:  # and its tokenizer
+        workdir.save_tokenizer(task.tokenizer)
     start, t = int(state["step"]), cfg.train
     writer = MetricsWriter(workdir, resume_step=start)  # sets aside rows it will rewrite
+    writer.write(start, {"provenance": provenance.metrics_entry(record, changes)})
     preemption = Preemption()
     rng = jax.random.key(cfg.seed + 1)
     lr = optim.learning_rate_schedule(cfg)
@@ -335,7 +347,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
 
     def meta_at(step: int) -> dict:
         return {"step": step, "data_step": step, "seed": cfg.seed, "data_seed": cfg.data.seed,
-                **task.extra_meta}
+                "provenance": record, **task.extra_meta}
 
     if start < t.steps and preemption.reached(start):  # SIGTERM during start-up
         if not meta:  # a fresh state is worth keeping; a restored one is on disk already

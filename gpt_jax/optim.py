@@ -161,9 +161,28 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> Schedule:
     # float32 digits while x / warm is small (3e-4 relative at GPT-3's first steps)
     schedule = after if warm == 0 else optax.join_schedules(
         [lambda x: peak * (jnp.asarray(x, jnp.float32) / warm), after], [warm])
-    if clock is None:
-        return schedule
-    return lambda step: schedule(clock(step))
+    base = schedule if clock is None else (lambda step: schedule(clock(step)))
+    if o.get("extend_from_step", 0):
+        return extended(base, int(o.extend_from_step), total_steps(cfg), floor, o.schedule)
+    return base
+
+
+def extended(base: Schedule, start: int, end: int, floor: float, shape: str) -> Schedule:
+    """`base` until step `start`, then a new decay (in steps) from base(start), the rate the
+    run has reached, to `floor` at step `end`: a run extended at `start` keeps a continuous
+    learning rate (README "Extending a run"). `shape` is the schedule's: cosine, linear, or
+    constant (stays at base(start))."""
+    begin = float(base(start))
+    span = max(end - start, 1)
+
+    def lr(step: Any) -> Any:
+        step = jnp.asarray(step)
+        x = jnp.clip((step.astype(jnp.float32) - start) / span, 0.0, 1.0)
+        frac = {"cosine": 0.5 * (1.0 + jnp.cos(jnp.pi * x)), "linear": 1.0 - x}.get(
+            shape, jnp.ones_like(x))
+        return jnp.where(step < start, base(step), floor + (begin - floor) * frac)
+
+    return lr
 
 
 def decay_mask(params: Any) -> Any:

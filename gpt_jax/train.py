@@ -22,7 +22,6 @@ from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax.flops import flops_per_token
-from gpt_jax.workdir import Workdir
 
 
 def step_windows(cfg: ml_collections.ConfigDict, corpus: data_lib.Corpus,
@@ -76,7 +75,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(cfg)
     sharding.check_batch(cfg, mesh)
     corpus = data_lib.prepare(cfg)  # validates context and vocabulary against the data
-    Workdir(workdir).save_tokenizer(corpus.tokenizer)
     if jax.process_index() == 0:
         print(f"{cfg.name}: {model_lib.count_params(model_lib.abstract_params(cfg.model)):,} "
               f"params; mesh {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} of "
@@ -90,7 +88,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         batch=lambda step: step_windows(cfg, corpus, step),
         evaluate=make_evaluate(cfg, mesh, corpus),
         tokens_per_step=cfg.train.batch_size * cfg.model.context,
-        flops_per_token=flops_per_token(cfg.model))
+        flops_per_token=flops_per_token(cfg.model),
+        tokenizer=corpus.tokenizer, token_store=corpus.store)  # saved in the workdir by run
     final, params, preempted = loop.run(cfg, workdir, mesh, task)
     t = cfg.train
     if not preempted and t.sample_tokens:  # every host computes, process 0 prints
