@@ -8,7 +8,8 @@ file of a run is read and written through `etils.epath`, so the two behave the s
     metrics.jsonl        one JSON object per line (`metrics.MetricsWriter`)
     tb/                  TensorBoard events (tensorboardX, which writes gs:// itself)
     tokenizer.model | tokenizer.json | vocab.json + merges.txt
-    checkpoints/<step>/  orbax checkpoints (`checkpoint.Checkpointer`; arrays via tensorstore)
+    checkpoints/<step>/  orbax checkpoints (`checkpoint.Checkpointer`; arrays via tensorstore),
+                         each sealed with checksums.json within its commit
     samples/             `sample --out` texts
     reports/             `evaluate` JSON reports
     reward_offset.json   a reward-model run's demonstration offset
@@ -71,6 +72,9 @@ def configure_storage() -> None:
         os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # no control plane
         os.environ.setdefault("NO_GCE_CHECK", "true")  # no metadata-server probe
+        # tensorstore's anonymous token for a local server (its own test bench's setting):
+        # without it, every run logs an error-level "Could not find the credentials file"
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "anonymous")
     # gcsfs logs each exhausted retry with a traceback; the error reaches the caller anyway
     logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     try:
@@ -109,6 +113,26 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def move_tree(src: str | os.PathLike, dst: str | os.PathLike,
+              delete_first: tuple[str, ...] = ()) -> None:
+    """Moves directory `src` to `dst`: locally one rename; on gs://, which has no
+    directories to rename, a server-side copy of every object, then the originals are
+    deleted, the files named in `delete_first` (e.g. a commit marker) before the rest."""
+    src, dst = epath.Path(src), epath.Path(dst)
+    if not is_remote(src):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+        return
+    import fsspec  # optional: the gs:// client (gcsfs) that epath uses, see configure_storage
+
+    fs = fsspec.filesystem(os.fspath(src).split("://", 1)[0])
+    fs.copy(os.fspath(src), os.fspath(dst), recursive=True)
+    for name in delete_first:
+        if (src / name).exists():
+            fs.rm(os.fspath(src / name))
+    fs.rm(os.fspath(src), recursive=True)
 
 
 def probe_writable(directory: str | os.PathLike) -> None:
@@ -323,10 +347,14 @@ def open_run(path: str | os.PathLike | Workdir, mesh: jax.sharding.Mesh | None =
              rules: ml_collections.ConfigDict | None = None,
              boxed: Callable[[ml_collections.ConfigDict], Any] | None = None,
              step: int | None = None) -> Run:
-    """Opens the run in `path` and restores its latest (or `step`) checkpoint's params.
+    """Opens the run in `path` read-only and restores its latest (or `step`) checkpoint's
+    params.
 
     Every tool that reads a finished or running run comes through here: sampling,
-    evaluation, export, and fine-tuning/SFT/RM/PPO initialising from a pretrained run.
+    evaluation, export, and fine-tuning/SFT/RM/PPO initialising from a pretrained run
+    (PPO's reward and reference runs too). Opening never writes, renames or deletes anything
+    in the run (`checkpoint.Checkpointer(read_only=True)`), so it is safe on the workdir of
+    a trainer that is saving; only the trainers open checkpoints writable.
     `mesh`: where the params land (default: the run's own mesh, see `run_mesh`), laid out
     by the logical-axis rules of `rules` (default: the run's config; a later stage passes
     its own, e.g. with `mesh.fsdp`). `boxed(model_cfg)`: the abstract, logically annotated
