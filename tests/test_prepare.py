@@ -3,6 +3,7 @@ filters inside the pipeline, and training on the store."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -327,3 +328,56 @@ def test_a_remote_runner_is_refused_sources_only_the_launcher_has(tmp_path, fiel
     assert needle in str(e.value) and "(--runner=DataflowRunner)" in str(e.value)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "store").exists()  # refused before anything is made
+
+
+def _fineweb_files(root, sizes):
+    """Parquet files with FineWeb's schema; returns every document's text in file order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(2)
+    texts = []
+    for f, n in enumerate(sizes):
+        rows = [_sentences(rng, 1 + i % 3) for i in range(n)]
+        texts += rows
+        pq.write_table(pa.table({
+            "text": rows, "id": [f"<urn:uuid:{f}-{i}>" for i in range(n)],
+            "dump": ["CC-MAIN-2024-10"] * n,
+            "url": [f"https://example.org/{f}/{i}" for i in range(n)],
+            "date": ["2024-02-21T00:00:00Z"] * n,
+            "file_path": [f"s3://commoncrawl/crawl-data/{f}.warc.gz"] * n,
+            "language": ["en"] * n, "language_score": pa.array([0.9] * n, pa.float64()),
+            "token_count": pa.array([len(t.split()) for t in rows], pa.int64())}),
+            root / f"{f:03d}_00000.parquet", row_group_size=16)
+    return texts
+
+
+def test_parquet_web_text_is_read_by_file_each_record_once(tmp_path):
+    """FineWeb's layout: parquet files, read one file per worker (2 workers), the first
+    `hf_max_docs` documents exactly once, split by their index; the store equals the
+    in-process one, and the manifest records what went in."""
+    (tmp_path / "fineweb").mkdir()
+    texts = _fineweb_files(tmp_path / "fineweb", [40, 25, 50])
+    cfg = config.base_config()
+    cfg.model.vocab_size, cfg.model.context = 256, 8
+    cfg.data.update(source="hf", hf_path="parquet", tokenizer="char", num_workers=1,
+                    hf_data_files=str(tmp_path / "fineweb" / "*.parquet"), hf_max_docs=80,
+                    data_dir=str(tmp_path / "data"), val_fraction=0.25, shard_tokens=2048)
+    source = data.make_source(cfg)
+    assert [(s["first"], s["rows"]) for s in source.shards] == [(0, 40), (40, 25), (65, 15)]
+    train, val = list(source.docs("train")), list(source.docs("val"))
+    assert sorted(train + val) == sorted(texts[:80]) and 0 < len(val) < len(train)
+    manifest = pipeline.run(cfg, str(tmp_path / "store"), BEAM_2_WORKERS[1:])
+    entry = manifest["sources"]["hf"]
+    assert entry["counts"]["read"] == 80
+    in_process = data.prepare(cfg)
+    assert entry["splits"] == in_process.store.manifest["sources"]["hf"]["splits"]
+    provenance = manifest["recipe"]["provenance"]
+    files = provenance["inputs"]["hf"]
+    assert [os.path.basename(f["path"]) for f in files] == [
+        "000_00000.parquet", "001_00000.parquet", "002_00000.parquet"]
+    assert all(f["size"] == os.path.getsize(f["path"]) for f in files)
+    tokenizer = tmp_path / "store" / manifest["tokenizer"]["file"]
+    assert provenance["tokenizer_sha256"] == hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+    assert provenance["gpt_jax"] == importlib.metadata.version("gpt_jax")
+    assert manifest["recipe"]["data"]["dedup"]["threshold"] == cfg.data.dedup.threshold

@@ -20,6 +20,8 @@ and on Dataflow, Flink or Spark with `--runner=...`, unchanged.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import itertools
 import os
 import tempfile
@@ -102,7 +104,6 @@ def corpus_key(made: dict[str, sources.Source]) -> str:
     keys = [source.key for source in made.values()]
     if len(keys) == 1:
         return keys[0]
-    import hashlib
     return "mixture-" + hashlib.sha1("\n".join(keys).encode()).hexdigest()[:10]
 
 
@@ -127,6 +128,20 @@ def train_classifier(cfg: ml_collections.ConfigDict, made: dict[str, sources.Sou
             "heldout_accuracy": clf.heldout_accuracy}
 
 
+def provenance(made: dict[str, sources.Source], tokenizer_file: epath.Path) -> dict[str, Any]:
+    """What went in, for the manifest: gpt_jax's and Beam's versions, the tokenizer file's
+    sha256, and every input file (path, size, and its mtime, or on gs:// its generation and
+    crc32c, on hf:// its sha256). The filter and dedup parameters are in the recipe's data."""
+    return {
+        "gpt_jax": importlib.metadata.version("gpt_jax"),
+        "apache_beam": beam.__version__,
+        "tokenizer_sha256": hashlib.sha256(tokenizer_file.read_bytes()).hexdigest(),
+        "inputs": {name: s.inputs if s.inputs is not None else
+                   [sources.file_record(path) for path, _ in s.files or []]
+                   for name, s in made.items()},
+    }
+
+
 # ---------------------------------------------------------------------------- workers
 
 
@@ -142,6 +157,15 @@ def _read_file(item: tuple[int, str, str]) -> Iterator[tuple[str, str]]:
         beam.metrics.Metrics.counter(METRICS, "files_not_utf8").inc()
     elif text:  # empty documents add no tokens (in-process, too): not counted as read
         yield _doc_key(index, split), text
+
+
+def _read_shard(shard: dict[str, Any], spec: ml_collections.ConfigDict
+                ) -> Iterator[tuple[str, str]]:
+    """One shard (parquet file) of a record source: each record once, routed by its key."""
+    key = sources.parquet_split_key(spec)
+    for index, text in sources.read_shard(shard, spec.hf_text_field):
+        if text:
+            yield _doc_key(index, sources.record_split(key, index, spec.val_fraction)), text
 
 
 def _read_records(split: str, spec: ml_collections.ConfigDict) -> Iterator[tuple[str, str]]:
@@ -268,6 +292,10 @@ def build(p: beam.Pipeline, cfg: ml_collections.ConfigDict, output: str, tok: To
             docs = (p | f"{name}: files" >> beam.Create(items)
                     | f"{name}: spread" >> beam.Reshuffle()
                     | f"{name}: read" >> beam.FlatMap(_read_file))
+        elif source.shards is not None:  # N workers read N shards in parallel
+            docs = (p | f"{name}: shards" >> beam.Create(source.shards)
+                    | f"{name}: spread" >> beam.Reshuffle()
+                    | f"{name}: read" >> beam.FlatMap(_read_shard, spec=spec))
         else:
             docs = (p | f"{name}: splits" >> beam.Create(list(sources.SPLITS))
                     | f"{name}: read" >> beam.FlatMap(_read_records, spec=spec))
@@ -329,6 +357,7 @@ def run(cfg: ml_collections.ConfigDict, output: str, beam_args: list[str]) -> di
         "data": {k: (v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v)
                  for k, v in cfg.data.items()},
     }
+    recipe["provenance"] = provenance(made, out / tok.file_name)
     if cfg.data.quality.enabled:
         recipe["quality_classifier"] = train_classifier(cfg, made, out)
     if not any(a.startswith("--runner") for a in beam_args):

@@ -93,8 +93,13 @@ class Source:
     # files of each split that `docs` skipped (not UTF-8), filled in as it reads
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     # file sources: (absolute path, split) of every document in order, so a distributed
-    # reader can fan out over files; None for record sources, read in one sequence
+    # reader can fan out over files; None for record sources
     files: list[tuple[str, str]] | None = None
+    # record sources read by their own shards (parquet files): JSON-able descriptors
+    # {file, first, rows} that `read_shard` reads, each record once; None: one sequence
+    shards: list[dict[str, Any]] | None = None
+    # what went in, for the manifest: each input file's path, size and checksum/generation
+    inputs: list[dict[str, Any]] | None = None
 
     @property
     def key(self) -> str:
@@ -336,9 +341,120 @@ def hf_documents(d: ml_collections.ConfigDict) -> Iterator[str]:
         yield str(example[d.hf_text_field])
 
 
+def _fs(path: str) -> tuple[Any, str]:
+    import fsspec  # gcsfs for gs://, huggingface_hub for hf://
+    return fsspec.core.url_to_fs(path)
+
+
+def _match_files(patterns: str) -> list[str]:
+    """Sorted files of comma-separated globs: local, gs://, or hf://datasets/<name>/..."""
+    out: list[str] = []
+    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
+        if not _remote(pattern):
+            out += [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+        else:
+            fs, _ = _fs(pattern)
+            proto = pattern.split("://", 1)[0]
+            out += [f"{proto}://{p}" for p in fs.glob(pattern) if fs.isfile(p)]
+    return sorted(set(out))
+
+
+def file_record(path: str) -> dict[str, Any]:
+    """Provenance of one input file: path, size, and what identifies its bytes without
+    reading them (local: mtime; gs://: generation and crc32c; hf://: the LFS sha256)."""
+    if not _remote(path):
+        st = os.stat(path)
+        return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    fs, inner = _fs(path)
+    info = fs.info(inner)
+    record = {"path": path, "size": int(info["size"])}
+    for key in ("generation", "crc32c", "md5Hash"):
+        if info.get(key):
+            record[key] = str(info[key])
+    if isinstance(info.get("lfs"), dict) and info["lfs"].get("sha256"):
+        record["sha256"] = info["lfs"]["sha256"]
+    return record
+
+
+def _open_parquet(path: str) -> Any:
+    import pyarrow.parquet as pq  # with `datasets` (the [data] extra): parquet sources only
+    if not _remote(path):
+        return pq.ParquetFile(path)
+    fs, inner = _fs(path)
+    return pq.ParquetFile(fs.open(inner, "rb"))
+
+
+def parquet_shards(files: Sequence[str], max_docs: int) -> list[dict[str, Any]]:
+    """One shard per file: {file, first (global index of its first row), rows to read},
+    from the files' footers; with `max_docs` the first max_docs rows in file order."""
+    shards, first = [], 0
+    for path in files:
+        rows = _open_parquet(path).metadata.num_rows
+        if max_docs:
+            rows = min(rows, max_docs - first)
+        if rows <= 0:
+            break
+        shards.append({"file": path, "first": first, "rows": rows})
+        first += rows
+    return shards
+
+
+def read_shard(shard: dict[str, Any], text_field: str) -> Iterator[tuple[int, str]]:
+    """(global index, text) of one parquet shard's rows, reading only the text column."""
+    pf = _open_parquet(shard["file"])
+    if text_field not in pf.schema_arrow.names:
+        raise ConfigError(f"data.hf_text_field={text_field!r} is not a column of "
+                          f"{shard['file']}; it has {pf.schema_arrow.names}")
+    index, end = shard["first"], shard["first"] + shard["rows"]
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if index >= end:
+                return
+            yield index, "" if text is None else str(text)
+            index += 1
+
+
+def record_split(key: str, index: int, val_fraction: float) -> str:
+    """'val' or 'train' for record `index` of the source keyed `key` (hash of both)."""
+    return "val" if hash_fraction(f"{key}/{index}") < val_fraction else "train"
+
+
+def parquet_split_key(d: ml_collections.ConfigDict) -> str:
+    """The key `record_split` hashes with a record's index (the 'hf' source's formula)."""
+    return f"{d.hf_path}/{d.hf_split}"
+
+
+def parquet_source(d: ml_collections.ConfigDict) -> Source:
+    """Parquet files (`data.hf_path='parquet'`, `data.hf_data_files`: local, gs:// or
+    hf://datasets/... globs; FineWeb, FineWeb-Edu and OpenWebText ship this layout), read
+    by file: each worker reads its own files, each record once, routed to train or
+    validation by the hash of its index."""
+    files = _match_files(d.hf_data_files)
+    if not files:
+        raise ConfigError(f"data.hf_data_files={d.hf_data_files!r} matches no files")
+    shards = parquet_shards(files, d.hf_max_docs)
+    inputs = [file_record(f) for f in files[:len(shards)]]
+    desc = {"source": "hf", "path": "parquet", "data_files": d.hf_data_files,
+            "text_field": d.hf_text_field, "max_docs": d.hf_max_docs,
+            "val_fraction": d.val_fraction,
+            "digest": hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()}
+    key = parquet_split_key(d)
+
+    def docs(split: str) -> Iterator[str]:
+        for shard in shards:
+            for index, text in read_shard(shard, d.hf_text_field):
+                if record_split(key, index, d.val_fraction) == split:
+                    yield text
+
+    return Source(desc, docs, lambda max_chars: docs("train"), shards=shards, inputs=inputs)
+
+
 def hf_source(d: ml_collections.ConfigDict) -> Source:
     """A Hugging Face dataset (FineWeb, OpenWebText, local JSONL/Parquet...), split by the hash
-    of each record's index; the tokenizer sample is the first training documents."""
+    of each record's index; the tokenizer sample is the first training documents. Parquet
+    files (`hf_path='parquet'`) are read by file (`parquet_source`)."""
+    if d.hf_path == "parquet" and d.hf_data_files:
+        return parquet_source(d)
     desc = {"source": "hf", "path": d.hf_path, "name": d.hf_name, "split": d.hf_split,
             "data_files": d.hf_data_files, "text_field": d.hf_text_field,
             "max_docs": d.hf_max_docs, "val_fraction": d.val_fraction}
