@@ -186,6 +186,7 @@ def test_hugging_face_jsonl_source(tmp_path):
     source = data.make_source(cfg)
     train = list(source.docs("train"))
     assert len(train) + len(list(source.docs("val"))) == 40 and 20 < len(train) < 40
+    assert source.shards == [{"shard": 0, "of": 1}]  # one data file: one shard
     assert corpus.tokenizer.decode(np.asarray(corpus.train)) == "".join(
         t + T.EOT for t in train)
 
@@ -381,3 +382,22 @@ def test_parquet_web_text_is_read_by_file_each_record_once(tmp_path):
     assert provenance["tokenizer_sha256"] == hashlib.sha256(tokenizer.read_bytes()).hexdigest()
     assert provenance["gpt_jax"] == importlib.metadata.version("gpt_jax")
     assert manifest["recipe"]["data"]["dedup"]["threshold"] == cfg.data.dedup.threshold
+
+
+def test_hugging_face_files_are_read_by_shard_each_record_once(tmp_path):
+    """A `datasets` split of 3 JSONL files has 3 shards: 2 workers read them in parallel,
+    each record once (not once per split), to the in-process store."""
+    for f in range(3):
+        rows = [{"text": f"file {f} document {i}: " + "words " * (i % 5)} for i in range(20)]
+        (tmp_path / f"part{f}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.base_config()
+    cfg.model.vocab_size, cfg.model.context = 256, 8
+    cfg.data.update(source="hf", hf_path="json", hf_data_files=str(tmp_path / "part*.jsonl"),
+                    tokenizer="char", data_dir=str(tmp_path / "data"), num_workers=1,
+                    val_fraction=0.25)
+    source = data.make_source(cfg)
+    assert source.shards == [{"shard": i, "of": 3} for i in range(3)]
+    manifest = pipeline.run(cfg, str(tmp_path / "store"), BEAM_2_WORKERS[1:])
+    assert manifest["sources"]["hf"]["counts"]["read"] == 60
+    assert manifest["sources"]["hf"]["splits"] == \
+        data.prepare(cfg).store.manifest["sources"]["hf"]["splits"]

@@ -147,7 +147,7 @@ def provenance(made: dict[str, sources.Source], tokenizer_file: epath.Path) -> d
 
 def _doc_key(index: int, split: str) -> str:
     """Sorts by index; carries the split. Every filter keeps the smallest key of a group."""
-    return f"{index:012d}:{split}"
+    return f"{index:020d}:{split}"
 
 
 def _read_file(item: tuple[int, str, str]) -> Iterator[tuple[str, str]]:
@@ -162,8 +162,8 @@ def _read_file(item: tuple[int, str, str]) -> Iterator[tuple[str, str]]:
 def _read_shard(shard: dict[str, Any], spec: ml_collections.ConfigDict
                 ) -> Iterator[tuple[str, str]]:
     """One shard (parquet file) of a record source: each record once, routed by its key."""
-    key = sources.parquet_split_key(spec)
-    for index, text in sources.read_shard(shard, spec.hf_text_field):
+    key = sources.split_key(spec)
+    for index, text in sources.read_shard(spec, shard):
         if text:
             yield _doc_key(index, sources.record_split(key, index, spec.val_fraction)), text
 

@@ -318,8 +318,11 @@ def tfds_source(d: ml_collections.ConfigDict) -> Source:
     return Source(desc, docs, lambda max_chars: docs("train"))
 
 
-def hf_documents(d: ml_collections.ConfigDict) -> Iterator[str]:
-    """Texts of a Hugging Face dataset split in its fixed order (at most `hf_max_docs`)."""
+SHARD_STRIDE = 1 << 32  # record index of a Hugging Face shard's row: shard * stride + row
+
+
+def hf_stream(d: ml_collections.ConfigDict) -> Any:
+    """The split as a streaming `datasets.IterableDataset` (nothing copied to a cache)."""
     import datasets  # optional, heavy: only for 'hf' sources
 
     files = d.hf_data_files or None
@@ -327,18 +330,33 @@ def hf_documents(d: ml_collections.ConfigDict) -> Iterator[str]:
                          if "://" not in p):
         raise ConfigError(f"data.hf_data_files={d.hf_data_files!r} matches no files")
     try:
-        ds = datasets.load_dataset(d.hf_path, d.hf_name or None, split=d.hf_split,
-                                   data_files=files.split(",") if files else None,
-                                   streaming=True)
+        return datasets.load_dataset(d.hf_path, d.hf_name or None, split=d.hf_split,
+                                     data_files=files.split(",") if files else None,
+                                     streaming=True)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise ConfigError(f"data.hf_path={d.hf_path!r}: {str(e).splitlines()[0]}") from None
-    for i, example in enumerate(ds):
-        if d.hf_max_docs and i >= d.hf_max_docs:
-            return
+
+
+def _texts(d: ml_collections.ConfigDict, examples: Iterable[dict[str, Any]]) -> Iterator[str]:
+    for example in examples:
         if d.hf_text_field not in example:
             raise ConfigError(f"data.hf_text_field={d.hf_text_field!r} is not a field of "
                               f"{d.hf_path!r}; it has {sorted(example)}")
         yield str(example[d.hf_text_field])
+
+
+def hf_documents(d: ml_collections.ConfigDict) -> Iterator[str]:
+    """Texts of a Hugging Face dataset split in its fixed order (at most `hf_max_docs`)."""
+    texts = _texts(d, hf_stream(d))
+    return itertools.islice(texts, d.hf_max_docs) if d.hf_max_docs else texts
+
+
+def read_hf_shard(d: ml_collections.ConfigDict, shard: dict[str, Any]
+                  ) -> Iterator[tuple[int, str]]:
+    """(record index, text) of shard {shard: i, of: n} of the split (its own data files)."""
+    ds = hf_stream(d).shard(num_shards=shard["of"], index=shard["shard"])
+    for row, text in enumerate(_texts(d, ds)):
+        yield shard["shard"] * SHARD_STRIDE + row, text
 
 
 def _fs(path: str) -> tuple[Any, str]:
@@ -399,7 +417,16 @@ def parquet_shards(files: Sequence[str], max_docs: int) -> list[dict[str, Any]]:
     return shards
 
 
-def read_shard(shard: dict[str, Any], text_field: str) -> Iterator[tuple[int, str]]:
+def read_shard(d: ml_collections.ConfigDict, shard: dict[str, Any]
+               ) -> Iterator[tuple[int, str]]:
+    """(record index, text) of one shard of an 'hf' source: a parquet file or a shard of a
+    `datasets` split."""
+    if "file" in shard:
+        return read_parquet_shard(shard, d.hf_text_field)
+    return read_hf_shard(d, shard)
+
+
+def read_parquet_shard(shard: dict[str, Any], text_field: str) -> Iterator[tuple[int, str]]:
     """(global index, text) of one parquet shard's rows, reading only the text column."""
     pf = _open_parquet(shard["file"])
     if text_field not in pf.schema_arrow.names:
@@ -419,7 +446,7 @@ def record_split(key: str, index: int, val_fraction: float) -> str:
     return "val" if hash_fraction(f"{key}/{index}") < val_fraction else "train"
 
 
-def parquet_split_key(d: ml_collections.ConfigDict) -> str:
+def split_key(d: ml_collections.ConfigDict) -> str:
     """The key `record_split` hashes with a record's index (the 'hf' source's formula)."""
     return f"{d.hf_path}/{d.hf_split}"
 
@@ -438,15 +465,21 @@ def parquet_source(d: ml_collections.ConfigDict) -> Source:
             "text_field": d.hf_text_field, "max_docs": d.hf_max_docs,
             "val_fraction": d.val_fraction,
             "digest": hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()}
-    key = parquet_split_key(d)
+    docs = _sharded_docs(d, shards)
+    return Source(desc, docs, lambda max_chars: docs("train"), shards=shards, inputs=inputs)
+
+
+def _sharded_docs(d: ml_collections.ConfigDict, shards: list[dict[str, Any]]
+                  ) -> Callable[[str], Iterator[str]]:
+    """docs(split) of a source read by shards: the shards in order, routed by record index."""
+    key = split_key(d)
 
     def docs(split: str) -> Iterator[str]:
         for shard in shards:
-            for index, text in read_shard(shard, d.hf_text_field):
+            for index, text in read_shard(d, shard):
                 if record_split(key, index, d.val_fraction) == split:
                     yield text
-
-    return Source(desc, docs, lambda max_chars: docs("train"), shards=shards, inputs=inputs)
+    return docs
 
 
 def hf_source(d: ml_collections.ConfigDict) -> Source:
@@ -458,18 +491,28 @@ def hf_source(d: ml_collections.ConfigDict) -> Source:
     desc = {"source": "hf", "path": d.hf_path, "name": d.hf_name, "split": d.hf_split,
             "data_files": d.hf_data_files, "text_field": d.hf_text_field,
             "max_docs": d.hf_max_docs, "val_fraction": d.val_fraction}
+    inputs = None
     if d.hf_data_files:  # local files: their sizes and times key the caches, as for 'text'
         paths = sorted(p for pat in d.hf_data_files.split(",")
                        for p in glob.glob(pat, recursive=True))
         desc["digest"] = _files_digest("", paths)
+        inputs = [file_record(p) for p in paths]
+    if not d.hf_max_docs:  # read by the dataset's own shards (its data files), N in parallel
+        n = hf_stream(d).n_shards
+        desc["shards"] = n
+        shards = [{"shard": i, "of": n} for i in range(n)]
+        docs = _sharded_docs(d, shards)
+        return Source(desc, docs, lambda max_chars: docs("train"), shards=shards,
+                      inputs=inputs)
+    # The first hf_max_docs records need the dataset's order: one sequence, read once.
+    key = split_key(d)
 
     def docs(split: str) -> Iterator[str]:
         for i, text in enumerate(hf_documents(d)):
-            if (hash_fraction(f"{d.hf_path}/{d.hf_split}/{i}") < d.val_fraction) == (
-                    split == "val"):
+            if record_split(key, i, d.val_fraction) == split:
                 yield text
 
-    return Source(desc, docs, lambda max_chars: docs("train"))
+    return Source(desc, docs, lambda max_chars: docs("train"), inputs=inputs)
 
 
 def source_specs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
