@@ -107,6 +107,7 @@ class Report:
     cost_analysis_flops: float = 0.0  # XLA's own count: each loop body once
     hlo: HloCost | None = None  # `hlo_cost` of the compiled program: loops counted
     hlo_error: str | None = None  # why the optimized HLO could not be read back, if not
+    hlo_text: str | None = dataclasses.field(default=None, repr=False)  # for HLO checks
     compile_s: float = 0.0
     error: str | None = None  # the compiler's own out-of-memory message
 
@@ -217,6 +218,7 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topo: Topology,
         report.hlo_error = str(e).strip().splitlines()[0][:300]
     else:
         report.hlo = hlo_cost(hlo_text, cfg.train.microbatches)
+        report.hlo_text = hlo_text
     return report
 
 

@@ -311,3 +311,51 @@ def test_bfloat16_compute_float32_state_and_statistics():
                              for k in stats), (spec, stats)
         assert r["state"] == ["float32"], (spec, r["state"])
         assert r["metrics"] == {"loss": "float32", "grad_norm": "float32"}, (spec, r)
+
+
+# CI's TPU compile: a 2-layer GPT-2-small-shaped model (d_model 768, 12 heads of 64; context
+# and vocabulary cut so it compiles in well under a minute) on a v5e-8, with each attention
+# kernel; the splash step is FSDP-sharded and its eval step compiled on the same mesh.
+# About 35 s of CPU per kernel.
+TPU_STEPS = """
+import json, jax
+jax.config.update("jax_platforms", "cpu")
+from gpt_jax import chips, compile as c, hlo_cost, loop, sharding, steps
+cfg = c.apply_overrides(c.load_config("experiments/gpt2.py:small"), {
+    "model.n_layer": 2, "model.context": 256, "model.vocab_size": 8192,
+    "model.attn_pdrop": 0.0, "train.batch_size": 8, "train.microbatches": 1})
+topo = c.parse_topology("v5e-8")
+devices = chips.topology_devices(topo)
+out = {}
+for kernel, fsdp in (("xla", False), ("splash", True)):
+    k_cfg = c.apply_overrides(cfg, {"model.attention_impl": kernel, "mesh.fsdp": fsdp})
+    r = c.compile_train_step(k_cfg, topo, devices)
+    out[kernel] = {"attention": r.attention, "fits": r.fits, "collectives": r.hlo.collective_bytes,
+                   "train_custom_calls": r.hlo_text.count('"tpu_custom_call"')}
+trainer = loop.build_trainer(k_cfg, sharding.make_mesh(k_cfg, devices))  # splash, FSDP
+ev = steps.jit_eval_step(k_cfg.model, trainer.mesh, trainer.param_shardings)
+out["eval_custom_call"] = "tpu_custom_call" in ev.lower(
+    *c.abstract_eval_inputs(trainer)).compile().as_text()
+print(json.dumps(out))
+"""
+
+
+@needs_libtpu
+def test_tpu_compile_both_kernels():
+    out = run_python(["-c", TPU_STEPS])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "TPU_WORKER_HOSTNAMES" not in out.stderr  # chips.quiet_libtpu
+    r = json.loads(out.stdout.splitlines()[-1])
+    assert r["xla"]["attention"] == "xla" and r["splash"]["attention"] == "splash"
+    assert r["xla"]["fits"] and r["splash"]["fits"], r
+    # the Pallas kernel is a custom call in the train step and in the eval step on the mesh
+    assert r["xla"]["train_custom_calls"] == 0 and r["splash"]["train_custom_calls"] > 0, r
+    assert r["eval_custom_call"], r  # unbound, a multi-chip eval fell back to XLA
+    # FSDP: weights all-gathered, gradients reduce-scattered
+    assert {"all-gather", "reduce-scatter"} <= set(r["splash"]["collectives"]), r
+
+
+def test_libtpu_is_quiet_off_tpu_vms():
+    out = run_python(["-c", "import gpt_jax.chips, jax; print(jax.devices()[0].platform)"])
+    assert out.returncode == 0 and out.stdout.strip() == "cpu", out.stderr[-2000:]
+    assert "TPU_WORKER_HOSTNAMES" not in out.stderr and "accelerator type" not in out.stderr
