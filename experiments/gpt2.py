@@ -14,11 +14,12 @@ SIZES = {  # name: (n_layer, d_model, n_head, peak_lr)
     "large": (36, 1280, 20, 2.5e-4),
     "xl": (48, 1600, 25, 2e-4),
 }
+VARIANTS = tuple(SIZES)
 
 
 def get_config(size: str = "small"):
-    if size not in SIZES:
-        raise ValueError(f"experiments/gpt2.py:{size} is not one of {list(SIZES)}")
+    if size not in VARIANTS:
+        raise ValueError(f"experiments/gpt2.py:{size} is not one of {list(VARIANTS)}")
     n_layer, d_model, n_head, lr = SIZES[size]
     cfg = base_config()
     cfg.name = f"gpt2-{size}"

@@ -31,11 +31,12 @@ SIZES = {  # name: (n_layer, d_model, n_head, batch tokens, peak_lr, ramp tokens
     "13b": (40, 5120, 40, 2**21, 1.0e-4, 8_000_000_000),
     "175b": (96, 12288, 96, 1536 * CONTEXT, 0.6e-4, 12_000_000_000),  # 3.2M tokens
 }
+VARIANTS = tuple(SIZES)
 
 
 def get_config(size: str = "small"):
-    if size not in SIZES:
-        raise ValueError(f"experiments/gpt3.py:{size} is not one of {list(SIZES)}")
+    if size not in VARIANTS:
+        raise ValueError(f"experiments/gpt3.py:{size} is not one of {list(VARIANTS)}")
     n_layer, d_model, n_head, batch_tokens, lr, ramp = SIZES[size]
     cfg = base_config()
     cfg.name = f"gpt3-{size}"

@@ -7,14 +7,16 @@ with a 2,048-token sentencepiece vocabulary, in a few minutes on 2 cores.
 
 from gpt_jax.config import base_config
 
+VARIANTS = ("bpe", "char")
+
 
 def get_config(variant: str = "bpe"):
-    if variant not in ("bpe", "char"):
-        raise ValueError(f"experiments/tiny.py:{variant} is not one of ['bpe', 'char']")
+    if variant not in VARIANTS:
+        raise ValueError(f"experiments/tiny.py:{variant} is not one of {list(VARIANTS)}")
     cfg = base_config()
     cfg.name = f"tiny-{variant}"
     m = cfg.model
-    m.vocab_size = 2048 if variant == "bpe" else 256
+    m.vocab_size = 2048 if variant == "bpe" else 512
     m.context, m.n_layer, m.n_head, m.d_model, m.d_ff = 128, 4, 4, 128, 512
     m.embd_pdrop = m.resid_pdrop = m.attn_pdrop = 0.0
     o = cfg.optim

@@ -35,6 +35,7 @@ import random
 import sys
 import sysconfig
 import tempfile
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ STEPS = 16  # full-batch steps of every small pretraining run
 CONTEXT, D_MODEL, N_HEAD, N_LAYER = 32, 32, 2, 2
 VOCAB = 256  # character tokenizer
 LR_SCALE = 10.0
+SMOKE_SP_CHARS = 200_000  # `own_data`: characters a shrunk sentencepiece vocabulary learns from
 # Same machine type in CI, so nearly exact: float32 rounding differences across XLA CPU
 # builds stay far below this, while any change of model, optimizer, data order or
 # schedule moves a loss by much more.
@@ -71,7 +73,7 @@ class Reference:
 
     name: str
     experiment: str
-    stage: str = "pretrain"  # pretrain | babygpt | finetune | sft | reward
+    stage: str = "pretrain"  # pretrain | babygpt | finetune | sft | reward (| ppo: no curve)
     init: str = ""
 
     @property
@@ -97,15 +99,20 @@ def _references() -> dict[str, Reference]:
 REFERENCES = _references()
 
 
-def experiment_config(spec: str) -> ml_collections.ConfigDict:
-    """`get_config(*args)` of experiments/<file>[:arg] (the --config syntax)."""
-    path, _, arg = spec.partition(":")
+def experiment_module(path: str) -> types.ModuleType:
+    """experiments/<path> loaded as a module (its get_config, VARIANTS, ...)."""
     module_spec = importlib.util.spec_from_file_location(
         "experiment_" + path.replace("/", "_").removesuffix(".py"),
         os.path.join(REPO, "experiments", path))
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(*([arg] if arg else []))
+    return module
+
+
+def experiment_config(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(*args)` of experiments/<file>[:arg] (the --config syntax)."""
+    path, _, arg = spec.partition(":")
+    return experiment_module(path).get_config(*([arg] if arg else []))
 
 
 # ---------------------------------------------------------------------------- scaling down
@@ -140,14 +147,47 @@ def _small_data(cfg: ml_collections.ConfigDict, data_dir: str, text_glob: str) -
     cfg.mesh.update(dict(data=-1, model=1, fsdp=False, dcn_data=1, cpu_devices=1))
 
 
+def _own_data(cfg: ml_collections.ConfigDict, paper: ml_collections.ConfigDict, data_dir: str,
+              text_glob: str | None) -> None:
+    """The paper config's own data source, mixture, filters and tokenizer kind, made in
+    `data_dir`; a sentencepiece vocabulary shrinks to 512 pieces trained on SMOKE_SP_CHARS
+    characters, a character vocabulary keeps the config's size (it must hold the corpus)."""
+    d = cfg.data
+    d.update(dict(data_dir=data_dir, token_dir="", store="", num_workers=1))
+    if text_glob:
+        d.text_glob = text_glob
+    cfg.model.vocab_size = paper.model.vocab_size
+    if d.tokenizer == "sentencepiece":
+        cfg.model.vocab_size = 512
+        d.tokenizer_train_chars = min(d.tokenizer_train_chars, SMOKE_SP_CHARS)
+    cfg.mesh.update(dict(data=-1, model=1, fsdp=False, dcn_data=1, cpu_devices=1))
+
+
 def corpus_glob() -> str:
     """The embedded corpus of the pretraining references: the stdlib's json package."""
     return os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
 
 
-def scale_down(cfg: ml_collections.ConfigDict, data_dir: str,
-               text_glob: str | None = None) -> ml_collections.ConfigDict:
-    """A paper pretraining config at reference size, keeping its family (module docstring)."""
+def mixture_rows(mixture: dict[str, float]) -> int:
+    """The fewest rows a (micro)batch needs to hold every source's share of `mixture`."""
+    from gpt_jax.config import ConfigError
+    from gpt_jax.data import batches
+    rows = 1
+    while True:
+        try:
+            batches.check_mixture(dict(mixture), rows)
+            return rows
+        except ConfigError:
+            rows += 1
+
+
+def scale_down(cfg: ml_collections.ConfigDict, data_dir: str, text_glob: str | None = None,
+               steps: int = STEPS, batch_size: int = 8,
+               own_data: bool = False) -> ml_collections.ConfigDict:
+    """A paper pretraining config at reference size, keeping its family (module docstring),
+    trained `steps` full batches (of `batch_size` rows where the paper has no token clock).
+    `own_data` keeps the config's data (`_own_data`; tests/test_experiments.py) instead of
+    the references' json package, and then gives microbatches the rows a mixture needs."""
     paper = cfg
     cfg = cfg.copy_and_resolve_references()
     _small_model(cfg.model, CONTEXT if paper.model.context > 3 else paper.model.context)
@@ -155,16 +195,18 @@ def scale_down(cfg: ml_collections.ConfigDict, data_dir: str,
     o.peak_lr = paper.optim.peak_lr * LR_SCALE
     paper_steps = paper.train.steps
     if paper.optim.warmup_steps:
-        o.warmup_steps = max(2, round(STEPS * squeeze(paper.optim.warmup_steps / paper_steps)))
+        o.warmup_steps = max(2, round(steps * squeeze(paper.optim.warmup_steps / paper_steps)))
     if paper.optim.decay_steps:
-        o.decay_steps = max(1, round(STEPS * squeeze(paper.optim.decay_steps / paper_steps)))
-    _small_train(t, STEPS, 8)
+        o.decay_steps = max(1, round(steps * squeeze(paper.optim.decay_steps / paper_steps)))
+    _small_train(t, steps, batch_size)
     if paper.train.get("tokens", 0):  # GPT-3: token clock, batch ramp, microbatches
-        t.batch_size = max(1, paper.train.batch_size // 64)
         micro_rows = max(1, paper.train.batch_size // paper.train.microbatches // 64)
-        t.microbatches = t.batch_size // micro_rows
+        t.microbatches = max(1, paper.train.batch_size // 64) // micro_rows
+        if own_data and paper.data.mixture:
+            micro_rows = max(micro_rows, mixture_rows(paper.data.mixture))
+        t.batch_size = t.microbatches * micro_rows
         full = t.batch_size * CONTEXT
-        total = STEPS * full
+        total = steps * full
         t.tokens = total
         paper_total = paper.train.tokens
         if paper.optim.warmup_tokens:
@@ -175,6 +217,9 @@ def scale_down(cfg: ml_collections.ConfigDict, data_dir: str,
             o.batch_ramp_tokens = round(total * squeeze(paper.optim.batch_ramp_tokens
                                                         / paper_total))
             o.batch_ramp_start_tokens = micro_rows * CONTEXT  # one microbatch, as the paper's
+    if own_data:
+        _own_data(cfg, paper, data_dir, text_glob)
+        return cfg
     _small_data(cfg, data_dir, text_glob or paper.data.text_glob or corpus_glob())
     if paper.data.tokenizer == "sentencepiece" and paper.name == "tiny-bpe":
         cfg.data.tokenizer = "sentencepiece"  # tiny's own BPE; 512 pieces cover json's chars
@@ -182,10 +227,12 @@ def scale_down(cfg: ml_collections.ConfigDict, data_dir: str,
     return cfg
 
 
-def rlhf_pretrain(cfg: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
-    """experiments/rlhf/pretrain_tiny.py scaled down: its own corpus, context 48."""
+def rlhf_pretrain(cfg: ml_collections.ConfigDict, data_dir: str,
+                  **scale: Any) -> ml_collections.ConfigDict:
+    """experiments/rlhf/pretrain_tiny.py scaled down: its own corpus, context 48 (`scale`:
+    `scale_down`'s steps, batch_size, own_data)."""
     glob = os.path.join(RLHF_DATA, "corpus", "*.txt")
-    small = scale_down(cfg, data_dir, glob)
+    small = scale_down(cfg, data_dir, glob, **scale)
     _small_model(small.model, 48)
     small.model.vocab_size = cfg.model.vocab_size
     return small
@@ -200,9 +247,10 @@ def _sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randrange(2, 5)))
 
 
-def task_rows(task_type: str, n: int, seed: int) -> list[dict]:
+def task_rows(task_type: str, n: int, seed: int, num_outputs: int = 1) -> list[dict]:
     """A learnable toy task per GPT-1 input layout: the label is whether (or which) text
-    ends in 'yes'; a pure function of the seed."""
+    ends in 'yes' (similarity: a 0/5 score, or with `num_outputs` > 1 a class 0/1); a pure
+    function of the seed."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -215,7 +263,7 @@ def task_rows(task_type: str, n: int, seed: int) -> list[dict]:
                          "label": label})
         elif task_type == "similarity":
             rows.append({"a": _sentence(rng), "b": _sentence(rng) + end,
-                         "label": float(5 * label)})
+                         "label": float(5 * label) if num_outputs == 1 else label})
         else:
             right = rng.randrange(4)
             rows.append({"context": _sentence(rng), "label": right,
@@ -226,9 +274,10 @@ def task_rows(task_type: str, n: int, seed: int) -> list[dict]:
 
 def _write_jsonl(path: str, rows: Sequence[dict]) -> str:
     if not os.path.exists(path):
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # processes writing the same file do not mix
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     return path
 
 
@@ -238,49 +287,86 @@ def _first_rows(src: str, n: int, dst: str) -> str:
     return _write_jsonl(dst, rows)
 
 
-def stage_config(ref: Reference, data_dir: str) -> ml_collections.ConfigDict:
+def _rows_holding(batches: int, batch_size: int) -> int:
+    """Rows of a JSONL file of which every 10th is held out (rlhf/common.train_val) that
+    leave `batches` full training batches."""
+    n = batches * batch_size
+    while n - max(1, len(range(9, n, 10))) < batches * batch_size:
+        n += 1
+    return n
+
+
+def stage_config(ref: Reference, data_dir: str, steps: int = 0) -> ml_collections.ConfigDict:
     """The reference-size config of a fine-tuning or RLHF stage (its model comes from the
-    init run at launch); data files are written under `data_dir`."""
+    init run at launch); data files are written under `data_dir`. `steps` > 0: one epoch
+    of `steps` batches of 4 (tests/test_experiments.py) rather than the references' 1-3
+    epochs of fixed files. PPO (no reference of its own) runs `steps` or STEPS iterations;
+    its `ppo.reward_workdir` is the caller's to set."""
     cfg = experiment_config(ref.experiment)
     o = cfg.optim
     o.peak_lr *= LR_SCALE
     cfg.mesh.update(dict(data=-1, model=1, fsdp=False, dcn_data=1, cpu_devices=1))
     t = cfg.train
+    batch = 4 if steps or ref.stage == "reward" else 8
+    tag = f"-{steps}x{batch}" if steps else ""  # one file per size of data set
     if ref.stage == "finetune":
         ft = cfg.finetune
-        stem = os.path.join(data_dir, f"ft_{ft.task_type}")
-        ft.update(dict(tfds_name="", train_jsonl=_write_jsonl(
-            stem + ".train.jsonl", task_rows(ft.task_type, 48, 0)),
-            val_jsonl=_write_jsonl(stem + ".val.jsonl", task_rows(ft.task_type, 16, 1)),
-            max_len=CONTEXT, epochs=3))
-        _small_train(t, STEPS, 8)  # train.steps follows from the epochs
-    elif ref.stage == "sft":
-        cfg.sft.update(dict(train_jsonl=_first_rows(os.path.join(RLHF_DATA, "sft.jsonl"), 80,
-                                                    os.path.join(data_dir, "sft.jsonl")),
-                            val_jsonl="", max_len=48, epochs=2))
-        _small_train(t, STEPS, 8)
-    elif ref.stage == "reward":
-        cfg.reward.update(dict(
-            train_jsonl=_first_rows(os.path.join(RLHF_DATA, "rankings.jsonl"), 72,
-                                    os.path.join(data_dir, "rankings.jsonl")),
-            val_jsonl="", demo_jsonl=os.path.join(data_dir, "sft.jsonl"), max_len=48,
-            max_k=9, epochs=1))
-        _small_train(t, STEPS, 4)
+        kind = f"{ft.num_outputs}class" if ft.task_type == "similarity" and \
+            ft.num_outputs > 1 else ""
+        stem = os.path.join(data_dir, f"ft_{ft.task_type}{kind}{tag}")
+        rows = task_rows(ft.task_type, steps * batch if steps else 48, 0, ft.num_outputs)
+        ft.update(dict(tfds_name="", train_jsonl=_write_jsonl(stem + ".train.jsonl", rows),
+                       val_jsonl=_write_jsonl(stem + ".val.jsonl", task_rows(
+                           ft.task_type, 16, 1, ft.num_outputs)),
+                       max_len=CONTEXT, epochs=1 if steps else 3))
+        _small_train(t, STEPS, batch)  # train.steps follows from the epochs
+    elif ref.stage in ("sft", "reward"):
+        sft_rows = _rows_holding(steps, batch) if steps else 80
+        demos = _first_rows(os.path.join(RLHF_DATA, "sft.jsonl"), sft_rows,
+                            os.path.join(data_dir, f"sft{tag}.jsonl"))
+        if ref.stage == "sft":
+            cfg.sft.update(dict(train_jsonl=demos, val_jsonl="", max_len=48,
+                                epochs=1 if steps else 2))
+        else:
+            cfg.reward.update(dict(
+                train_jsonl=_first_rows(os.path.join(RLHF_DATA, "rankings.jsonl"),
+                                        _rows_holding(steps, batch) if steps else 72,
+                                        os.path.join(data_dir, f"rankings{tag}.jsonl")),
+                val_jsonl="", demo_jsonl=demos, max_len=48, max_k=9, epochs=1))
+        _small_train(t, STEPS, batch)
+    elif ref.stage == "ppo":
+        p = cfg.ppo
+        # minibatches of 2 episodes; 24 prompt slots hold the toy's headers, 8 new tokens
+        # and the pretraining windows fit the 48-token model of `rlhf_pretrain`
+        p.update(dict(prompts_jsonl=_first_rows(os.path.join(RLHF_DATA, "prompts.jsonl"), 64,
+                                                os.path.join(data_dir, "prompts.jsonl")),
+                      iterations=steps or STEPS, rollout_batch=2 * p.minibatches,
+                      max_prompt_len=24, response_len=8, ptx_context=min(p.ptx_context, 48)))
+        if p.eval_prompts_jsonl:
+            p.eval_prompts_jsonl = _first_rows(
+                os.path.join(RLHF_DATA, "heldout_prompts.jsonl"), 2,
+                os.path.join(data_dir, "heldout_prompts.jsonl"))
+        _small_train(t, steps or STEPS, batch)
     else:
         raise ReferenceError(f"{ref.name}: unknown stage {ref.stage!r}")
     return cfg
 
 
-def reference_config(ref: Reference, data_dir: str) -> ml_collections.ConfigDict:
-    """The config a reference trains with (stages: before the init run's model is merged)."""
+def reference_config(ref: Reference, data_dir: str, steps: int = 0) -> ml_collections.ConfigDict:
+    """The config a reference trains with (stages: before the init run's model is merged).
+    `steps` > 0: the smoke test's instead (tests/test_experiments.py): `steps` batches of 4
+    rows on the config's own data (`scale_down(own_data=True)`, `stage_config(steps=)`)."""
     if ref.stage == "babygpt":  # already tiny (vocabulary 2, context 3): as the paper's
-        return experiment_config(ref.experiment)
+        cfg = experiment_config(ref.experiment)
+        cfg.train.steps = steps or cfg.train.steps
+        return cfg
     if ref.stage != "pretrain":
-        return stage_config(ref, data_dir)
+        return stage_config(ref, data_dir, steps)
     paper = experiment_config(ref.experiment)
-    if ref.name == "rlhf/pretrain_tiny":
-        return rlhf_pretrain(paper, data_dir)
-    return scale_down(paper, data_dir)
+    scale: dict[str, Any] = dict(steps=steps, batch_size=4, own_data=True) if steps else {}
+    if ref.experiment == "rlhf/pretrain_tiny.py":
+        return rlhf_pretrain(paper, data_dir, **scale)
+    return scale_down(paper, data_dir, **scale)
 
 
 # ---------------------------------------------------------------------------- running

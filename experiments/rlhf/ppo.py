@@ -15,6 +15,7 @@ held-out evaluation of the policy at iterations 0 and 20.
 from gpt_jax.rlhf import ppo_base
 
 DATA = "experiments/rlhf/data"
+VARIANTS = ("paper", "tiny")
 
 
 def get_config(variant: str = "paper"):
@@ -35,5 +36,5 @@ def get_config(variant: str = "paper"):
         cfg.optim.peak_lr = 3e-4
         cfg.train.update(dict(log_every=1, ckpt_every=10, eval_every=20))
     elif variant != "paper":
-        raise ValueError(f"experiments/rlhf/ppo.py:{variant} is not one of ['paper', 'tiny']")
+        raise ValueError(f"experiments/rlhf/ppo.py:{variant} is not one of {list(VARIANTS)}")
     return cfg

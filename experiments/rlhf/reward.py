@@ -12,6 +12,7 @@ head init std 1/sqrt(d_model + 1). `:tiny` is the CPU example on experiments/rlh
 from gpt_jax.rlhf import reward_base
 
 DATA = "experiments/rlhf/data"
+VARIANTS = ("paper", "tiny")
 
 
 def get_config(variant: str = "paper"):
@@ -24,5 +25,5 @@ def get_config(variant: str = "paper"):
         cfg.optim.peak_lr = 1e-3
         cfg.train.update(dict(batch_size=8, log_every=5, eval_every=20, ckpt_every=20))
     elif variant != "paper":
-        raise ValueError(f"experiments/rlhf/reward.py:{variant} is not one of ['paper', 'tiny']")
+        raise ValueError(f"experiments/rlhf/reward.py:{variant} is not one of {list(VARIANTS)}")
     return cfg

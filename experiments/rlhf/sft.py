@@ -12,6 +12,7 @@ held-out PPO-style samples malformed, 6 under 2%).
 from gpt_jax.rlhf import sft_base
 
 DATA = "experiments/rlhf/data"
+VARIANTS = ("paper", "tiny")
 
 
 def get_config(variant: str = "paper"):
@@ -23,5 +24,5 @@ def get_config(variant: str = "paper"):
         cfg.optim.peak_lr = 1e-3
         cfg.train.update(dict(batch_size=16, log_every=5, eval_every=20, ckpt_every=20))
     elif variant != "paper":
-        raise ValueError(f"experiments/rlhf/sft.py:{variant} is not one of ['paper', 'tiny']")
+        raise ValueError(f"experiments/rlhf/sft.py:{variant} is not one of {list(VARIANTS)}")
     return cfg
