@@ -10,37 +10,11 @@ from libtpu).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import os
 import re
 from typing import Any
 
 import jax
-from jax._src import hardware_utils  # jax's own PCI scan for TPU chips (cloud_tpu_init's)
-
-# What libtpu reads to describe the TPU VM it runs on. Off a TPU VM it finds neither and
-# prints "could not determine TPU accelerator type" and "INVALID_ARGUMENT: ...
-# TPU_WORKER_HOSTNAMES" whenever a JAX backend starts, i.e. on every command once the
-# [tpu] extra is installed (as it is to compile for slices on a laptop). Placeholders
-# silence it; compile-only topologies (`topology_devices`) name their own chips and shape,
-# so the placeholder type describes nothing that is compiled.
-LIBTPU_PLACEHOLDERS = {"TPU_ACCELERATOR_TYPE": "v5litepod-8",
-                       "TPU_WORKER_HOSTNAMES": "localhost"}
-
-
-def quiet_libtpu() -> None:
-    """Sets `LIBTPU_PLACEHOLDERS` (never over the user's own values) where libtpu is
-    installed and no TPU chip is attached; a TPU VM is left as it is."""
-    if importlib.util.find_spec("libtpu") is None:
-        return
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
-        return
-    for name, value in LIBTPU_PLACEHOLDERS.items():
-        os.environ.setdefault(name, value)
-
-
-quiet_libtpu()  # on import: before any backend starts (`flops`, hence the loop, imports us)
 
 
 @dataclasses.dataclass(frozen=True)
