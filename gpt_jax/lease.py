@@ -266,9 +266,12 @@ class Lease:
             version = self._store.replace(beat, self._version)
             if version is None:
                 current = self._store.read()
-                who = current[0].describe() if current and current[0] else "nobody"
-                self._lost = f"the lease on {self.workdir} was taken over (now {who})"
-                return
+                if current and current[0] and current[0].token == beat.token:
+                    version = current[1]  # our own write, retried after its reply was lost
+                else:
+                    who = current[0].describe() if current and current[0] else "nobody"
+                    self._lost = f"the lease on {self.workdir} was taken over (now {who})"
+                    return
             self.holder, self._version = beat, version
 
     def check(self) -> None:
@@ -311,6 +314,8 @@ def acquire(workdir: str | os.PathLike | Workdir,
             if current is None:
                 continue  # released meanwhile
             holder, old = current
+            if holder is not None and holder.token == mine.token:  # a retried create landed
+                return Lease(workdir, store, mine, old, timeout_s)
             why = gone(holder, timeout_s)
             if why is None:
                 break
