@@ -401,6 +401,16 @@ def test_hugging_face_files_are_read_by_shard_each_record_once(tmp_path):
     assert manifest["sources"]["hf"]["counts"]["read"] == 60
     assert manifest["sources"]["hf"]["splits"] == \
         data.prepare(cfg).store.manifest["sources"]["hf"]["splits"]
+    # The first 45 records (a limit needs the dataset's order): one sequence, read once and
+    # routed, not once per split.
+    cfg.data.update(hf_max_docs=45, data_dir=str(tmp_path / "data45"))
+    source = data.make_source(cfg)
+    assert source.shards is None and source.routed is not None
+    assert len(list(source.routed())) == 45
+    manifest = pipeline.run(cfg, str(tmp_path / "store45"), [])
+    assert manifest["sources"]["hf"]["counts"]["read"] == 45
+    assert manifest["sources"]["hf"]["splits"] == \
+        data.prepare(cfg).store.manifest["sources"]["hf"]["splits"]
 
 
 def _store_bytes(directory):

@@ -168,6 +168,13 @@ def _read_shard(shard: dict[str, Any], spec: ml_collections.ConfigDict
             yield _doc_key(index, sources.record_split(key, index, spec.val_fraction)), text
 
 
+def _read_routed(_: Any, spec: ml_collections.ConfigDict) -> Iterator[tuple[str, str]]:
+    """A record source read once as one sequence, each record routed by its index."""
+    for index, split, text in sources.make_source_from(spec).routed():
+        if text:
+            yield _doc_key(index, split), text
+
+
 def _read_records(split: str, spec: ml_collections.ConfigDict) -> Iterator[tuple[str, str]]:
     for i, text in enumerate(sources.make_source_from(spec).docs(split)):
         if text:
@@ -296,7 +303,10 @@ def build(p: beam.Pipeline, cfg: ml_collections.ConfigDict, output: str, tok: To
             docs = (p | f"{name}: shards" >> beam.Create(source.shards)
                     | f"{name}: spread" >> beam.Reshuffle()
                     | f"{name}: read" >> beam.FlatMap(_read_shard, spec=spec))
-        else:
+        elif source.routed is not None:  # one sequence: read once, not once per split
+            docs = (p | f"{name}: sequence" >> beam.Create([name])
+                    | f"{name}: read" >> beam.FlatMap(_read_routed, spec=spec))
+        else:  # TFDS with a validation split of its own: each split read once
             docs = (p | f"{name}: splits" >> beam.Create(list(sources.SPLITS))
                     | f"{name}: read" >> beam.FlatMap(_read_records, spec=spec))
         stages[name] = ["read"]

@@ -100,6 +100,9 @@ class Source:
     shards: list[dict[str, Any]] | None = None
     # what went in, for the manifest: each input file's path, size and checksum/generation
     inputs: list[dict[str, Any]] | None = None
+    # record sources read as one sequence: every record once as (index, split, text), so a
+    # pipeline reads it once, not once per split; None: read each split with `docs`
+    routed: Callable[[], Iterator[tuple[int, str, str]]] | None = None
 
     @property
     def key(self) -> str:
@@ -307,15 +310,24 @@ def tfds_source(d: ml_collections.ConfigDict) -> Source:
     else:
         desc["val_fraction"] = d.val_fraction
 
-        def docs(split: str) -> Iterator[str]:
+        def routed() -> Iterator[tuple[int, str, str]]:
             # Indices, not texts, are hashed; 'train' and 'val' partition the split exactly
             # (a split that comes out empty is caught by the context guard in `prepare`).
+            key = f"{d.tfds_name}/{d.tfds_split}"
             for i, text in enumerate(split_docs(d.tfds_split)):
-                is_val = hash_fraction(f"{d.tfds_name}/{d.tfds_split}/{i}") < d.val_fraction
-                if is_val == (split == "val"):
-                    yield text
+                yield i, record_split(key, i, d.val_fraction), text
+
+        return _routed_source(desc, routed)
 
     return Source(desc, docs, lambda max_chars: docs("train"))
+
+
+def _routed_source(desc: dict[str, Any], routed: Callable[[], Iterator[tuple[int, str, str]]],
+                   **fields: Any) -> Source:
+    """A record source read as one sequence routed by record; docs(split) filters it."""
+    def docs(split: str) -> Iterator[str]:
+        return (text for _, s, text in routed() if s == split)
+    return Source(desc, docs, lambda max_chars: docs("train"), routed=routed, **fields)
 
 
 SHARD_STRIDE = 1 << 32  # record index of a Hugging Face shard's row: shard * stride + row
@@ -505,14 +517,12 @@ def hf_source(d: ml_collections.ConfigDict) -> Source:
         return Source(desc, docs, lambda max_chars: docs("train"), shards=shards,
                       inputs=inputs)
     # The first hf_max_docs records need the dataset's order: one sequence, read once.
-    key = split_key(d)
-
-    def docs(split: str) -> Iterator[str]:
+    def routed() -> Iterator[tuple[int, str, str]]:
+        key = split_key(d)
         for i, text in enumerate(hf_documents(d)):
-            if record_split(key, i, d.val_fraction) == split:
-                yield text
+            yield i, record_split(key, i, d.val_fraction), text
 
-    return Source(desc, docs, lambda max_chars: docs("train"), inputs=inputs)
+    return _routed_source(desc, routed, inputs=inputs)
 
 
 def source_specs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
