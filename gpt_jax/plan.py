@@ -4,7 +4,8 @@ fastest layout that fits, found by compiling the candidates ahead of time.
 1. Enumerate (`candidates`): model-parallel degrees that divide the chips, the heads and
    the vocabulary (padded to a multiple of 128 x degree when it does not divide), FSDP
    on/off, the remat policies, microbatch counts that keep the global batch and divide
-   over the data axis, and the attention kernel (XLA; splash with 512 or 1024 blocks).
+   over the data axis, and the attention kernel (XLA; splash with 512 or 1024 blocks,
+   unless attention dropout is on: the kernels have none, and dropout is the recipe's).
    `model.scan_layers` stays as the config has it (unrolled GPT-3 steps take hours to
    compile), as do dtypes and the batch.
 2. Prune before compiling (`state_bytes`): a layout whose float32 params + Adam moments
@@ -95,8 +96,10 @@ def candidates(cfg: ml_collections.ConfigDict, topo: Topology) -> list[Candidate
     m, t, n = cfg.model, cfg.train, topo.num_chips
     out = []
     models = [d for d in (2**i for i in range(int(math.log2(n)) + 1)) if m.n_head % d == 0]
+    # the kernels have no attention dropout: with it on, splash would compile the XLA path
+    kernels = [k for k in KERNELS if k[0] == "xla" or not m.get("attn_pdrop", 0.0)]
     for model, fsdp, remat, (kernel, block) in itertools.product(
-            models, (False, True), REMATS, KERNELS):
+            models, (False, True), REMATS, kernels):
         data = n // model
         if fsdp and data == 1:
             continue
@@ -193,9 +196,9 @@ class Result:
         return self.error is None and self.total_bytes <= (1 - headroom) * self.hbm_bytes
 
 
-def result_of(report: compile_lib.Report, cand: Candidate, tokens: int) -> Result:
+def result_of(report: compile_lib.Report, line: str, label: str, tokens: int) -> Result:
     step = report.step_s
-    return Result(cand.line(), cand.label(), float(report.total_bytes),
+    return Result(line, label, float(report.total_bytes),
                   float(report.hbm_bytes or 0.0), step, report.mfu_estimate, report.bound,
                   None if step is None else (tokens / report.num_chips / step[0],
                                              tokens / report.num_chips / step[1]),
@@ -214,7 +217,8 @@ def _compile_worker(args: tuple[dict, str, tuple]) -> dict:
     except Exception as e:  # noqa: BLE001 - a failed candidate is a row, not the end
         return dataclasses.asdict(Result(cand.line(), cand.label(),
                                          error=f"{type(e).__name__}: {str(e)[:300]}"))
-    return dataclasses.asdict(result_of(report, cand, cfg.train.batch_size * cfg.model.context))
+    return dataclasses.asdict(result_of(report, cand.line(), cand.label(),
+                                        cfg.train.batch_size * cfg.model.context))
 
 
 @dataclasses.dataclass
@@ -344,6 +348,54 @@ def plan_json(p: Plan, cfg: ml_collections.ConfigDict, topo: Topology) -> dict:
             "jax": jax.__version__, "libtpu": libtpu_version()}
 
 
+# Today's hand-written settings that --table compares the plan's winner with:
+# (config, topology, overrides); the GPT-3 rows are docs/aot_table.md's.
+TABLE: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    *(("experiments/gpt2.py:small", t, {}) for t in ("v4-8", "v5e-8", "v5p-8", "v6e-8")),
+    *((f"experiments/gpt3.py:{size}", t, o) for size, t, o in compile_lib.TABLE),
+)
+
+
+def before_after_row(spec: str, topo_name: str, overrides: dict[str, Any], **plan_kw: Any
+                     ) -> str:
+    """One markdown row: the hand-written settings compiled as they are, then the plan."""
+    cfg = compile_lib.apply_overrides(compile_lib.load_config(spec), overrides)
+    topo = parse_topology(topo_name)
+    report = compile_lib.compile_train_step(cfg, topo)
+    before = result_of(report, "", "as written", cfg.train.batch_size * cfg.model.context)
+    p = plan(cfg, topo, **plan_kw)
+    fmt = lambda r: ("does not fit" if not r.fits(p.headroom) else  # noqa: E731
+                     f"{_gib(r.total_bytes)} GiB, {r.step_s[0]:.3g} s, {r.mfu[0]:.0%}")
+    win = p.ranked[0] if p.ranked else None
+    gain = (f"{before.step_s[0] / win.step_s[0]:.2f}x" if win and before.fits(p.headroom)
+            and before.step_s else "-")
+    settings = ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "as in the config"
+    return (f"| {cfg.name} | {topo_name} | {settings} | {report.attention} | {fmt(before)} | "
+            f"{win.label if win else 'none fits'} | {fmt(win) if win else '-'} | {gain} | "
+            f"{len(p.ranked) + len(p.not_fitting)} ({p.pruned} pruned) |")
+
+
+def write_table(path: str, cases: tuple = TABLE, **plan_kw: Any) -> None:
+    """Runs `before_after_row` per case and (re)writes the markdown table after each."""
+    rows = []
+    for case in cases:
+        rows.append(before_after_row(*case, **plan_kw))
+        print(rows[-1], flush=True)
+        with open(path, "w") as f:
+            f.write("\n".join([
+                "# Planned layouts against today's hand-written settings", "",
+                "Generated by `python -m gpt_jax.plan --table=docs/plan_table.md` (jax "
+                f"{jax.__version__}, libtpu {libtpu_version()}, on a machine without TPUs). "
+                "Before: the settings as written (the config, or docs/aot_table.md's "
+                "overrides) compiled as they are; after: the plan's winner. Each cell: XLA's "
+                "GiB per chip, the no-overlap roofline step estimate and its MFU estimate "
+                "(see the plan's footer for what the estimate leaves out). Speed-up: before "
+                "/ after step estimate. Compiled: the layouts the budget allowed.", "",
+                "| config | slice | hand-written settings | attention | before | plan's "
+                "winner | after | speed-up | compiled |", "|---|---|---|---|---|---|---|---|---|",
+                *rows, ""]))
+
+
 def define_flags() -> None:
     """CLI flags, defined only when run as a program so importing this module is free."""
     from absl import flags
@@ -357,20 +409,29 @@ def define_flags() -> None:
     flags.DEFINE_string("cache_dir", os.path.expanduser("~/.cache/gpt_jax/plan"),
                         "Compile results cached here ('' for none).")
     flags.DEFINE_string("out", None, "Also write the plan as JSON to this path.")
+    flags.DEFINE_string("table", None, "Write the before/after table (markdown) to this path.")
+    flags.DEFINE_list("table_cases", None, "--table: only these 'config,topology' indices "
+                      "of plan.TABLE (e.g. 0,1); default all.")
 
 
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
     f = flags.FLAGS
+    kw = dict(budget_s=f.budget_s, max_candidates=f.max_candidates, workers=f.workers,
+              headroom=f.headroom, cache_dir=f.cache_dir or None,
+              log=lambda s: print(s, file=sys.stderr, flush=True))
+    if f.table:
+        jax.config.update("jax_platforms", "cpu")
+        cases = TABLE if f.table_cases is None else tuple(TABLE[int(i)] for i in f.table_cases)
+        write_table(f.table, cases, **kw)
+        return
     if f.config is None or f.topology is None:
         sys.exit("usage: python -m gpt_jax.plan --config=FILE[:ARG] --topology=SLICE")
     jax.config.update("jax_platforms", "cpu")  # compile-only TPU devices; run nothing
     try:
         topo = parse_topology(f.topology)
-        p = plan(f.config, topo, budget_s=f.budget_s, max_candidates=f.max_candidates,
-                 workers=f.workers, headroom=f.headroom, cache_dir=f.cache_dir or None,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+        p = plan(f.config, topo, **kw)
     except (config_lib.ConfigError, ValueError) as e:
         sys.exit(f"config error: {e}")
     print(format_plan(p, f.config, topo))

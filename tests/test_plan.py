@@ -32,6 +32,10 @@ def test_layouts_divide_heads_vocabulary_and_batch():
     padded = {s["mesh.model"]: s.get("model.vocab_size") for s in cands}
     assert padded == {1: None, 2: 50432, 4: 50688}  # whole 128-lane rows per shard
     kernels = {(s["model.attention_impl"], s.get("model.splash_block_q")) for s in cands}
+    assert kernels == {("xla", None)}  # GPT-2 trains with attention dropout: no kernel has it
+    no_dropout = compile_lib.apply_overrides(cfg, {"model.attn_pdrop": 0.0})
+    kernels = {(c.settings["model.attention_impl"], c.settings.get("model.splash_block_q"))
+               for c in plan.candidates(no_dropout, topo)}
     assert kernels == {("xla", None), ("splash", 512), ("splash", 1024)}
     assert {s["model.remat"] for s in cands} == set(plan.REMATS)
 
@@ -48,8 +52,8 @@ def test_state_bytes_by_hand():
     cfg, topo = gpt2_small(), chips.parse_topology("v5e-8")
     n = model.count_params(model.unbox(model.abstract_params(cfg.model)))
     by = {c.label(): plan.state_bytes(cfg, topo, c, n) for c in plan.candidates(cfg, topo)}
-    assert by["model=1 fsdp=False remat=none micro=1 splash/512"] == 124_439_808 * 12
-    assert by["model=2 fsdp=True remat=none micro=1 splash/512"] == pytest.approx(
+    assert by["model=1 fsdp=False remat=none micro=1 xla"] == 124_439_808 * 12
+    assert by["model=2 fsdp=True remat=none micro=1 xla"] == pytest.approx(
         (124_439_808 + 175 * 768) * 12 / 8)  # vocab 50257 -> 50432 pads 175 rows
 
 
