@@ -21,6 +21,7 @@ from gpt_jax import cli, loop, sample, sharding, steps
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
+from gpt_jax.data import compress
 from gpt_jax.flops import flops_per_token
 
 
@@ -69,6 +70,41 @@ def make_evaluate(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     return evaluate
 
 
+def full_split_loss(eval_step: Any, params: Any, tokens: Any, *, batch: int, context: int,
+                    mesh: jax.sharding.Mesh) -> tuple[float, float]:
+    """(summed loss in nats, tokens scored) over every window of a split, each once: all its
+    tokens but the last < context. The last batch is padded with window 0, masked out."""
+    n = data_lib.num_windows(len(tokens), context)
+    lo, hi = loop.host_rows(batch)
+    total, count = 0.0, 0.0
+    for start in range(0, n, batch):
+        ids = np.arange(start, start + batch, dtype=np.int64)
+        rows = (ids < n).astype(np.float32)
+        local = data_lib.gather_windows(tokens, np.where(ids < n, ids, 0)[lo:hi], context)
+        s, c = eval_step(params, sharding.host_local_to_global(local, mesh),
+                         sharding.host_local_to_global(rows[lo:hi], mesh))
+        total, count = total + float(s), count + float(c)
+    return total, count
+
+
+def validation_against_compressors(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                                   corpus: data_lib.Corpus, params: Any) -> dict[str, Any]:
+    """The model's bits per byte over the whole validation split beside what gzip -9 and
+    xz -9 make of the same files (each compressed on its own; `data.compress`)."""
+    tokens = corpus.val
+    total, count = full_split_loss(
+        steps.jit_eval_step(cfg.model, mesh), params, tokens,
+        batch=cfg.train.batch_size // cfg.train.microbatches, context=cfg.model.context,
+        mesh=mesh)
+    out: dict[str, Any] = {"val_bpb": total / math.log(2) / (count *
+                                                             corpus.bytes_per_token("val"))}
+    source = data_lib.make_source(cfg)
+    if source.files is not None:  # local files: compress the very documents of the split
+        out["val_docs"], out["val_bytes"], bpb = compress.compression_bpb(source.docs("val"))
+        out.update({f"{name.replace(' -', '')}_bpb": v for name, v in bpb.items()})
+    return out
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains until `train.steps`, resuming from `workdir`; returns final metrics."""
     cfg = config_lib.validate(cfg)
@@ -92,6 +128,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         tokenizer=corpus.tokenizer, token_store=corpus.store)  # saved in the workdir by run
     final, params, preempted = loop.run(cfg, workdir, mesh, task)
     t = cfg.train
+    if not preempted and t.get("final_full_eval", False) and len(corpus.names) == 1:
+        final.update(validation_against_compressors(cfg, mesh, corpus, params))
+        if jax.process_index() == 0:
+            against = (f"; gzip -9 {final['gzip9_bpb']:.3f}, xz -9 {final['xz9_bpb']:.3f} "
+                       f"on the same {final['val_docs']} files ({final['val_bytes']:,} bytes, "
+                       "each compressed on its own)" if "xz9_bpb" in final else "")
+            print(f"validation, every token: {final['val_bpb']:.3f} bits per byte{against}")
     if not preempted and t.sample_tokens:  # every host computes, process 0 prints
         how = sample.SamplingConfig(temperature=t.sample_temperature, top_p=t.sample_top_p)
         text = sample.sample_text(cfg.model, params, corpus.tokenizer, t.sample_prompt,
