@@ -37,6 +37,7 @@ import dataclasses
 import os
 import re
 import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -170,9 +171,42 @@ class Report:
         return ideal_s / step[0], ideal_s / step[1]
 
 
+_VALUE = re.compile(r"^ value: <\d+ ([^ @]+) @\d+> \(size=(\d+),offset=\d+\): "
+                    r"(\w+\[[\d,]*\])(\{[^}]*\})?")
+
+
+def memory_breakdown(dump_dir: str, top: int = 12) -> list[tuple[int, int, str, str]]:
+    """The largest values in the temporaries, from the buffer assignment XLA dumps
+    (`compile_train_step(dump_dir=...)`): (bytes each, how many, op, shape), grouped by op
+    (its name without the .N suffix and tuple index) and shape, largest first; a shape in
+    another memory space than HBM carries its `S(n)` (XLA:TPU's on-chip spaces). Values
+    not live at the same time share offsets, so the rows sum to more than the
+    temporaries; tuples (pointer tables) are left out."""
+    names = sorted(n for n in os.listdir(dump_dir)
+                   if n.endswith("after_optimizations-buffer-assignment.txt"))
+    if not names:
+        return []
+    groups: dict[tuple[str, str, int], int] = {}
+    in_temp = False
+    with open(os.path.join(dump_dir, names[-1])) as f:
+        for line in f:
+            if line.startswith("allocation "):
+                in_temp = "preallocated-temp" in line
+            elif in_temp and (value := _VALUE.match(line)):
+                op = re.sub(r"(\.\d+)?(\{[\d,]*\})?$", "", value.group(1))
+                space = re.search(r"S\((\d+)\)", value.group(4) or "")
+                shape = value.group(3) + (f" S({space.group(1)})" if space else "")
+                key = (op, shape, int(value.group(2)))
+                groups[key] = groups.get(key, 0) + 1
+    rows = sorted(((size, n, op, shape) for (op, shape, size), n in groups.items()),
+                  key=lambda r: -r[0] * r[1])
+    return rows[:top]
+
+
 def compile_train_step(cfg: ml_collections.ConfigDict, topo: Topology,
-                       devices: list | None = None) -> Report:
-    """AOT-compiles `build_trainer(cfg, mesh).train_step` for `topo`; allocates nothing."""
+                       devices: list | None = None, dump_dir: str | None = None) -> Report:
+    """AOT-compiles `build_trainer(cfg, mesh).train_step` for `topo`; allocates nothing.
+    With `dump_dir`, XLA writes its buffer assignment there (`memory_breakdown`)."""
     import time
     cfg = config_lib.validate(cfg)
     devices = topology_devices(topo) if devices is None else devices
@@ -189,7 +223,10 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topo: Topology,
                     model_flops, cfg.train.microbatches, kernel)
     tic = time.perf_counter()
     try:
-        compiled = trainer.train_step.lower(*abstract_inputs(trainer)).compile()
+        options = {} if dump_dir is None else {
+            "xla_dump_to": dump_dir, "xla_dump_hlo_module_re": ".*train_step.*"}
+        compiled = trainer.train_step.lower(*abstract_inputs(trainer)).compile(
+            compiler_options=options or None)
     except Exception as e:  # noqa: BLE001 - XLA raises its runtime error type
         if not re.search(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds.*memory", str(e)):
             raise
@@ -293,6 +330,17 @@ def format_report(report: Report, cfg: ml_collections.ConfigDict) -> str:
                 f"({chip.ici_bw / 1e9:.0f} GB/s sent): {step[0]:.3g} s without overlap, "
                 f"{step[1]:.3g} s with communication fully overlapped; {report.bound}-bound; "
                 f"MFU estimate {lo:.0%}-{hi:.0%}")
+    return "\n".join(lines)
+
+
+def format_breakdown(rows: list[tuple[int, int, str, str]], report: Report) -> str:
+    """`memory_breakdown`'s rows under the temporaries' total."""
+    if not rows:
+        return "memory breakdown: XLA wrote no buffer assignment (out of memory?)"
+    lines = [f"largest values in the temporaries ({report.temp_bytes / GIB:.2f} GiB; values "
+             "not live together share space, so rows sum to more):"]
+    lines += [f"  {size * n / GIB:8.3f} GiB  {n:3d} x {shape:<28} {op}"
+              for size, n, op, shape in rows]
     return "\n".join(lines)
 
 
@@ -431,6 +479,8 @@ def define_flags() -> None:
                         "TPU slice (v4-8, v5p-128, v5e-16, v5litepod-16, v6e-64, v5p:4x4x4) "
                         "or cpu:N.")
     flags.DEFINE_string("table", None, "Write the GPT-3 fit table (markdown) to this path.")
+    flags.DEFINE_integer("memory_breakdown", 0, "Also print the N largest values in the "
+                         "temporaries (XLA's buffer assignment), by op and shape.")
     flags.DEFINE_list("table_kernels", list(KERNELS),
                       "--table: the model.attention_impl values each case is compiled with.")
 
@@ -451,11 +501,15 @@ def main(argv: list[str]) -> None:
     if topo.chip is None:
         jax.config.update("jax_num_cpu_devices", topo.num_chips)
     jax.config.update("jax_platforms", "cpu")
-    try:
-        report = compile_train_step(f.config, topo)
-    except config_lib.ConfigError as e:
-        sys.exit(f"config error: {e}")
-    print(format_report(report, f.config))
+    with tempfile.TemporaryDirectory() as dump_dir:
+        try:
+            report = compile_train_step(f.config, topo,
+                                        dump_dir=dump_dir if f.memory_breakdown else None)
+        except config_lib.ConfigError as e:
+            sys.exit(f"config error: {e}")
+        print(format_report(report, f.config))
+        if f.memory_breakdown:
+            print(format_breakdown(memory_breakdown(dump_dir, f.memory_breakdown), report))
     if report.fits is False:
         sys.exit(1)
 

@@ -418,17 +418,17 @@ def main(argv: list[str]) -> None:
     del argv
     from absl import flags
     f = flags.FLAGS
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chips to lock
+    jax.config.update("jax_platforms", "cpu")  # compile-only TPU devices; run nothing
     kw = dict(budget_s=f.budget_s, max_candidates=f.max_candidates, workers=f.workers,
               headroom=f.headroom, cache_dir=f.cache_dir or None,
               log=lambda s: print(s, file=sys.stderr, flush=True))
     if f.table:
-        jax.config.update("jax_platforms", "cpu")
         cases = TABLE if f.table_cases is None else tuple(TABLE[int(i)] for i in f.table_cases)
         write_table(f.table, cases, **kw)
         return
     if f.config is None or f.topology is None:
         sys.exit("usage: python -m gpt_jax.plan --config=FILE[:ARG] --topology=SLICE")
-    jax.config.update("jax_platforms", "cpu")  # compile-only TPU devices; run nothing
     try:
         topo = parse_topology(f.topology)
         p = plan(f.config, topo, **kw)

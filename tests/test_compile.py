@@ -139,6 +139,16 @@ def test_loops_are_counted_per_step():
         assert ici < steps[name][2] <= 2 * ici and steps[name][3] == 1, steps
 
 
+def test_memory_breakdown_lists_the_largest_temporaries():
+    out = run_python(["-m", "gpt_jax.compile", "--topology=cpu:2", *TINY,
+                      "--memory_breakdown=4"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("largest values in the temp"))
+    rows = lines[at + 1:]
+    assert len(rows) == 4 and all(re.match(r" +[\d.]+ GiB +\d+ x \w+\[", r) for r in rows), rows
+
+
 def test_bad_mesh_is_a_config_error():
     out = run_python(["-m", "gpt_jax.compile", "--topology=cpu:8", *TINY,
                       "--config.mesh.data=3"])
