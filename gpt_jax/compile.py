@@ -337,9 +337,9 @@ def format_breakdown(rows: list[tuple[int, int, str, str]], report: Report) -> s
     """`memory_breakdown`'s rows under the temporaries' total."""
     if not rows:
         return "memory breakdown: XLA wrote no buffer assignment (out of memory?)"
-    lines = [f"largest values in the temporaries ({report.temp_bytes / GIB:.2f} GiB; values "
-             "not live together share space, so rows sum to more):"]
-    lines += [f"  {size * n / GIB:8.3f} GiB  {n:3d} x {shape:<28} {op}"
+    lines = [f"largest values in the temporaries ({report.temp_bytes / 2**20:,.1f} MiB; "
+             "values not live together share space, so rows sum to more):"]
+    lines += [f"  {size * n / 2**20:10,.1f} MiB  {n:3d} x {shape:<28} {op}"
               for size, n, op, shape in rows]
     return "\n".join(lines)
 

@@ -146,7 +146,7 @@ def test_memory_breakdown_lists_the_largest_temporaries():
     lines = out.stdout.splitlines()
     at = next(i for i, x in enumerate(lines) if x.startswith("largest values in the temp"))
     rows = lines[at + 1:]
-    assert len(rows) == 4 and all(re.match(r" +[\d.]+ GiB +\d+ x \w+\[", r) for r in rows), rows
+    assert len(rows) == 4 and all(re.match(r" +[\d.,]+ MiB +\d+ x \w+\[", r) for r in rows), rows
 
 
 def test_bad_mesh_is_a_config_error():
