@@ -6,7 +6,8 @@ filters (`data.dedup`, `data.quality`), its tokenizer, and writes a sharded toke
 Everything after `--` goes to Beam: the DirectRunner by default, e.g.
 `-- --direct_num_workers=2 --direct_running_mode=multi_processing`, or
 `-- --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp` (README
-"Data at scale").
+"Data at scale"; gpt_jax and what its workers import are staged as a generated
+`--setup_file`, see `gpt_jax/data/workers.py`).
 """
 
 from __future__ import annotations

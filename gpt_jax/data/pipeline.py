@@ -2,7 +2,8 @@
 
 The graph, per named source (`data.sources`, or the one `data.source`):
 
-    read documents (file sources fan out over files; record sources read in order)
+    read documents (file sources fan out over files; parquet files and Hugging Face splits
+      over their own shards; other record sources are read once, in order, and routed)
       -> exact dedup -> fuzzy dedup (MinHash LSH) -> quality filter     (each switchable)
       -> tokenize (every document + eot) -> chunks of DOCS_PER_CHUNK consecutive documents
     all sources: chunk sizes -> offsets (side input) -> pieces of fixed-size shards
@@ -15,7 +16,9 @@ written; a killed pipeline leaves no manifest, and a store without one never ope
 The tokenizer (and the quality classifier) are made on the launching machine first.
 
 Runs on the DirectRunner here (`--direct_num_workers=2 --direct_running_mode=multi_processing`)
-and on Dataflow, Flink or Spark with `--runner=...`, unchanged.
+and on Dataflow, Flink or Spark with `--runner=...`, unchanged: for a remote runner `run`
+stages gpt_jax and exactly what the workers import (`data.workers`), and refuses sources
+that exist only on the launcher.
 """
 
 from __future__ import annotations
