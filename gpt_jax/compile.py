@@ -418,7 +418,7 @@ def write_table(path: str, cases: tuple = TABLE, kernels: tuple[str, ...] = KERN
             report = compile_train_step(cfg, parse_topology(topo_name))
             print(format_report(report, cfg), flush=True)
             rows.append(table_row(size, overrides, report))
-            text = _with_notes(_table_text(rows), path)
+            text = with_notes(_table_text(rows), path)
             with open(path, "w") as f:  # rewritten after every row: slow compiles keep progress
                 f.write(text)
     return text
@@ -460,7 +460,7 @@ def _table_text(rows: list[str]) -> str:
 NOTES_MARKER = "<!-- Written by hand below this line; --table keeps it. -->"
 
 
-def _with_notes(text: str, path: str) -> str:
+def with_notes(text: str, path: str) -> str:
     """`text` followed by the hand-written notes of the existing file at `path`, if any."""
     try:
         with open(path) as f:
