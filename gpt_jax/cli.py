@@ -136,6 +136,15 @@ def check_input_file(flag: str, path: str, text: bool = True) -> None:
             raise UsageError(f"{flag}={path}: not UTF-8 text (byte {e.start})") from None
 
 
+def check_input_dir(flag: str, path: str) -> None:
+    """Raises UsageError naming `flag` and `path` unless the local `path` is a directory
+    (a gs:// path is checked when it is read)."""
+    if "://" in path or os.path.isdir(path):
+        return
+    what = "is a file, not a run directory" if os.path.exists(path) else "no such directory"
+    raise UsageError(f"{flag}={path}: {what}")
+
+
 def fail(message: str, status: int) -> None:
     """Prints one `error: ...` line and exits; skips orbax's atexit hooks, whose
     "cannot schedule new futures after interpreter shutdown" tracebacks would bury it."""
@@ -163,6 +172,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         rest = flags.FLAGS(argv)
         if "config" in flags.FLAGS and flags.FLAGS["config"].present:
             flags.FLAGS.config.get("name")  # config files load lazily: fail here, not later
+        _check_numbers(flags.FLAGS)
         return rest
     except flags.UnrecognizedFlagError as e:
         if _show_tracebacks():
@@ -192,7 +202,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             fail(f"{given}: the file defines no get_config() (see experiments/)", USAGE)
         missing = str(e).strip("\"'")
         bad = next((a for a in argv[1:] if a.startswith("--config.")
-                    and a.split("=")[0].split(".")[-1] == missing), f"--config...{missing}")
+                    and missing in a.split("=")[0].split(".")[1:]), f"--config...{missing}")
         fail(f"{bad.split('=')[0]}: no such config field", USAGE)
     except (TypeError, ValueError, OSError) as e:
         if _show_tracebacks():
@@ -203,6 +213,28 @@ def parse_flags(argv: list[str]) -> list[str]:
         if _show_tracebacks():
             raise
         fail(_config_file_error(e, argv), USAGE)
+
+
+# Errors about a file or directory itself: missing, of the wrong kind, unreadable, malformed.
+BAD_INPUT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+             UnicodeDecodeError, json.JSONDecodeError)
+NEGATIVE_OK = ("seed", "length_penalty")  # the numeric flags that may be below 0
+
+
+def _check_numbers(f: flags.FlagValues) -> None:
+    """No gpt_jax flag that counts, sizes or indexes something may be negative; nor may
+    the multi-process flags be inconsistent (jax would wait for processes that never come)."""
+    for name in f:
+        value = f[name].value
+        if (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+                and name not in NEGATIVE_OK and "gpt_jax" in f.find_module_defining_flag(name)):
+            fail(f"--{name}={value} must be >= 0", USAGE)
+    if "num_processes" in f and f.num_processes is not None:
+        if f.num_processes < 1:
+            fail(f"--num_processes={f.num_processes} must be >= 1", USAGE)
+        if f.process_id is not None and f.process_id >= f.num_processes:
+            fail(f"--process_id={f.process_id} must be below --num_processes="
+                 f"{f.num_processes}", USAGE)
 
 
 def _config_file_error(error: Exception, argv: list[str]) -> str:
@@ -221,9 +253,10 @@ def _config_file_error(error: Exception, argv: list[str]) -> str:
 def run(main: Callable[[list[str]], None], errors: tuple[type[Exception], ...] = ()) -> None:
     """`absl.app.run(main)` for every gpt_jax command, every outcome one line: bad flags,
     the project's usage errors (a config field, a workdir, a flag value, and `errors`)
-    exit 2; runtime failures (a checkpoint, a non-finite loss, a file that went missing
-    or is unreadable, storage, a lost peer) exit 1; Ctrl-C exits 130 (after the training
-    loop saved, see `loop.catch_sigterm`). `--verbosity=1` or GPT_JAX_TRACEBACK=1 shows
+    exit 2, and so does a file the command named that is missing, unreadable or malformed
+    when found before compute; runtime failures (a checkpoint, a non-finite loss, storage,
+    a lost peer, any error once the loop computes) exit 1; Ctrl-C exits 130 (after the
+    training loop saved, see `loop.catch_sigterm`). `--verbosity=1` or GPT_JAX_TRACEBACK=1 shows
     the traceback instead."""
     from gpt_jax import loop
     from gpt_jax.checkpoint import CheckpointError
@@ -237,12 +270,14 @@ def run(main: Callable[[list[str]], None], errors: tuple[type[Exception], ...] =
             return "interrupted (Ctrl-C)", INTERRUPTED
         if isinstance(e, (CheckpointError, loop.NonFiniteLossError)):
             return _last_line(str(e)), RUNTIME
-        if isinstance(e, OSError) and e.filename:
-            return f"{e.filename}: {e.strerror or _last_line(str(e))}", RUNTIME
-        if isinstance(e, (OSError, json.JSONDecodeError, UnicodeDecodeError)):
-            return f"{type(e).__name__}: {_last_line(str(e))}", RUNTIME
-        return (f"{type(e).__name__}: {_last_line(str(e)) or 'no message'} "
-                "(GPT_JAX_TRACEBACK=1 shows where)", RUNTIME)
+        text = _last_line(str(e)) or "no message"
+        what = f"{e.filename}: {e.strerror or text}" if isinstance(e, OSError) and e.filename \
+            else f"{type(e).__name__}: {text}"
+        if isinstance(e, BAD_INPUT):  # a file the command named: usage, unless it went bad later
+            return what, RUNTIME if loop.computing() else USAGE
+        if isinstance(e, OSError):  # storage or the network
+            return what, RUNTIME
+        return f"{what} (GPT_JAX_TRACEBACK=1 shows where)", RUNTIME
 
     def guarded(argv: list[str]) -> None:
         try:

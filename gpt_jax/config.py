@@ -327,7 +327,52 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if m.d_ff % cfg.mesh.model:
         raise ConfigError(
             f"model.d_ff={m.d_ff} is not divisible by mesh.model={cfg.mesh.model}")
+    _check_ranges(cfg)
     return cfg
+
+
+# Fields with a lower bound above 0 or an upper bound (validate's other checks cover the rest);
+# a field missing from a config (an older config.json) is skipped.
+RANGES = {
+    "model.init_std": (0, None, "must be > 0"), "model.ln_eps": (0, None, "must be > 0"),
+    "data.shard_tokens": (1, None, "must be >= 1"), "data.num_workers": (1, None, "must be >= 1"),
+    "data.tokenizer_train_chars": (1, None, "must be >= 1"),
+    "data.dedup.ngram": (1, None, "must be >= 1"), "data.dedup.num_perm": (1, None, "must be >= 1"),
+    "data.dedup.bands": (1, None, "must be >= 1"), "data.dedup.rows": (1, None, "must be >= 1"),
+    "data.dedup.max_bucket": (1, None, "must be >= 1"),
+    "data.dedup.threshold": (0, 1, "must be in (0, 1]"),
+    "data.quality.num_features_log2": (1, 30, "must be in [1, 30]"),
+    "data.quality.alpha": (0, None, "must be > 0"),
+    "mesh.dcn_data": (1, None, "must be >= 1"),
+    "optim.batch_ramp_start_tokens": (1, None, "must be >= 1"),
+    "train.sample_top_p": (0, 1, "must be in (0, 1]"),
+}
+MAY_BE_NEGATIVE = ("seed", "data.seed", "mesh.data")  # mesh.data: -1 = all other devices
+
+
+def _leaves(node: Any, prefix: str = "") -> Any:
+    for key, value in node.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _check_ranges(cfg: ml_collections.ConfigDict) -> None:
+    """`RANGES`, and no negative number anywhere but in `MAY_BE_NEGATIVE` (a count, a
+    length, a rate or a timeout below 0 is always a mistake)."""
+    for field, (low, high, why) in RANGES.items():
+        try:
+            value = _get(cfg, field)
+        except (KeyError, AttributeError):
+            continue
+        strict = isinstance(low, int) and low == 0  # 0 itself is out of range
+        if value < low or (strict and value == low) or (high is not None and value > high):
+            _fail(field, value, why)
+    for field, value in _leaves(cfg):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 \
+                and field not in MAY_BE_NEGATIVE:
+            _fail(field, value, "must be >= 0")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

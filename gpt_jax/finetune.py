@@ -402,6 +402,7 @@ def finetune(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> di
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.check_input_dir("--init_from", flags.FLAGS.init_from)
     cli.start()
     finetune(flags.FLAGS.config, flags.FLAGS.init_from, flags.FLAGS.workdir)
 
