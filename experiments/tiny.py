@@ -26,6 +26,7 @@ def get_config(variant: str = "bpe"):
     t.batch_size, t.steps = 32, 600
     t.log_every, t.eval_every, t.eval_batches, t.ckpt_every, t.keep = 20, 200, 8, 200, 2
     t.sample_tokens, t.sample_prompt = 96, "def "
+    t.final_full_eval = True  # every validation token, beside gzip -9 and xz -9
     d = cfg.data
     d.source, d.tokenizer = "stdlib", ("sentencepiece" if variant == "bpe" else "char")
     d.tokenizer_train_chars = 4_000_000
