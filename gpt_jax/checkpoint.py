@@ -140,7 +140,8 @@ class Checkpointer:
         if read_only:
             options = ocp.CheckpointManagerOptions(
                 read_only=True, create=False, cleanup_tmp_directories=False,
-                enable_async_checkpointing=False, lightweight_initialize=True)
+                save_interval_steps=0, enable_async_checkpointing=False,
+                lightweight_initialize=True)
         else:
             policy = pp.AnyPreservationPolicy([
                 pp.LatestN(n=keep),
@@ -277,7 +278,8 @@ class Checkpointer:
                 if restored is not None:
                     self._sealed.add(step)
                     for old in unsealed:
-                        self._pass_over(old, UNSEALED, "falling back to an older sealed one")
+                        self._pass_over(old, f"unverified ({UNSEALED})",
+                                        "falling back to an older sealed one")
                     return (step, restored), False
             if self._vanished(step):
                 return None, True
