@@ -246,7 +246,7 @@ _COMPUTING = threading.Event()
 
 
 def computing() -> bool:
-    """Whether `run` got past start-up (restore, checks) to evaluating and training."""
+    """Whether `run` has trained a step (a failure after that is not a usage error)."""
     return _COMPUTING.is_set()
 
 
@@ -358,7 +358,6 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
         logging.warning("SIGTERM during start-up: exiting before step %d", start)
         return final, state["params"], True
 
-    _COMPUTING.set()  # from here a failure is the run's, not the command line's (exit 1)
     if start == 0 and t.get("eval_at_start", True):  # curves start at the init loss (nanoGPT)
         writer.write(0, {**task.evaluate(state["params"]), "tokens": 0})
         tic = time.perf_counter()
@@ -376,6 +375,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
             with sharding.activation_sharding(mesh):
                 state, metrics = custom_step(state, step)
         pending.append((step + 1, metrics["loss"]))
+        _COMPUTING.set()  # a step ran: from here a failure is the run's, not the command's
         ckpt.check()  # a failed asynchronous save stops the run now, not at the next save
         if lease is not None:
             lease.check()  # taken over by another writer: stop before writing more

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_python, tiny_config
+from conftest import REPO, record_fault, run_python, tiny_config
 from test_train import train_args
 
 from gpt_jax.tokenizer import build_char_tokenizer
@@ -51,6 +51,8 @@ def test_config_file_that_does_not_load_is_one_line(tmp_path, text, needles):
     out = run_python(["-m", "gpt_jax.train", "--config=bad.py", "--workdir=run"], cwd=tmp_path)
     one_line(out, 2, *needles)
     assert sorted(os.listdir(tmp_path)) == ["bad.py"]
+    record_fault("a config file with a syntax error, a NameError, or empty (`test_bad_inputs`)",
+                 "exit 2, one line naming file:line, nothing created", "passed")
 
 
 @pytest.mark.parametrize("flag,needle", [
@@ -106,6 +108,10 @@ def test_finetune_labels_are_checked_against_the_task(tmp_path, init_from, task,
                      + (["--config.finetune.num_outputs=1"] if task == "similarity" else []))
     one_line(out, 2, f"{tmp_path}/train.jsonl:3:", needle)
     assert not os.path.exists(tmp_path / "ft")  # refused: nothing created
+    record_fault("fine-tuning labels out of range, negative, fractional or strings; an "
+                 "evaluation label out of range (`test_bad_inputs`)",
+                 "exit 2 before compute, one line naming file:line and the task's classes",
+                 "passed")
 
 
 def test_refused_run_creates_no_workdir(tmp_path):
@@ -156,6 +162,9 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
     assert "Traceback" not in out.stderr
     assert "interrupted (Ctrl-C): checkpointed step" in out.stderr.splitlines()[-1]
     assert [d for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
+    record_fault("Ctrl-C (SIGINT) in the loop; twice (`test_bad_inputs`)",
+                 "checkpoint at the next step, exit 130, one line; a second Ctrl-C exits at "
+                 "once (130, one line)", "passed")
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path):

@@ -346,10 +346,12 @@ def test_every_bad_input_is_one_line(tmp_path):
     assert not changed, sorted(changed)
     assert not failures, f"{len(failures)} of {len(table)} cases:\n" + "\n".join(failures)
     record_fault(f"bad-input fuzz: {len(table)} generated bad values over the "
-                 f"{len(commands)} documented commands (`test_fuzz`)",
+                 f"{len(commands)} documented commands on `cli.run` (`test_fuzz`; "
+                 f"{', '.join(f'`{c}`' for c in not_yet)} are not in it yet, "
+                 f"{'/'.join(f'`{c}`' for c in sorted(KNOWN_FAILING))}'s {len(known)} cases "
+                 "still fail: Beam prints a warning line first)",
                  "exit 2, one line naming the flag, field or file, no traceback, nothing "
                  "created", "passed")
-
 
 if __name__ == "__main__":
     serve(sys.argv[1], sys.argv[2])
