@@ -6,10 +6,13 @@ block, so importing any module never defines flags.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -71,10 +74,68 @@ def start() -> None:
         sharding.set_cpu_devices(f.config)
     if "coordinator_address" in f:
         sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+        watch_peers()
     if "workdir" in f and f.workdir:  # a missing bucket or credentials: now, not after compiling
         from gpt_jax.workdir import Workdir
         _CREATED.append(_first_missing(f.workdir))
         Workdir(f.workdir).check_writable()
+
+
+PEER_TIMEOUT_S = 30.0  # a process silent this long is lost (JAX's own heartbeat: 100 s)
+_WATCHING: list[int] = []  # this process's index once `watch_peers` runs
+
+
+def watch_peers(timeout_s: float = PEER_TIMEOUT_S) -> None:
+    """In a multi-process run, a background thread publishes this process's heartbeat
+    through JAX's coordination service every `timeout_s / 6` and reads the others'. When
+    one stops (killed, its host gone) or the service itself (process 0) stops answering,
+    this process prints one line naming it and exits 1 within `timeout_s` plus one
+    interval, instead of hanging in the next collective until JAX's heartbeat aborts it
+    with a C++ log (status -6). The last checkpoint is kept."""
+    import jax
+    from jax._src import distributed  # the coordination client has no public handle
+
+    client, me, n = distributed.global_state.client, jax.process_index(), jax.process_count()
+    if client is None or n < 2:
+        return
+
+    def beat() -> None:
+        count, seen = 0, {p: (None, time.monotonic()) for p in range(n) if p != me}
+        service_ok = time.monotonic()
+        while True:
+            count += 1
+            now = time.monotonic()
+            try:
+                client.key_value_set(f"gpt_jax/heartbeat/{me}", str(count), allow_overwrite=True)
+                for p, (value, _) in seen.items():
+                    try:
+                        new = client.key_value_try_get(f"gpt_jax/heartbeat/{p}")
+                    except Exception:  # noqa: BLE001 - not published yet
+                        new = value
+                    if new != value:
+                        seen[p] = (new, now)
+                service_ok = now
+            except Exception as e:  # noqa: BLE001 - the service is unreachable
+                if now - service_ok > timeout_s:
+                    fail(f"lost process 0 (the coordinator, {flags.FLAGS.coordinator_address}):"
+                         f" no answer for {timeout_s:.0f} s ({type(e).__name__}); stopping "
+                         "this process too, the last checkpoint is kept", RUNTIME)
+            for p, (value, at) in seen.items():
+                if value != "exited" and now - at > timeout_s:
+                    fail(f"lost process {p} of {n}: no heartbeat for {timeout_s:.0f} s (killed, "
+                         "or its host is gone); stopping this process too, the last "
+                         "checkpoint is kept", RUNTIME)
+            time.sleep(timeout_s / 6)
+
+    def exited() -> None:  # a peer that ends normally is not lost
+        try:
+            client.key_value_set(f"gpt_jax/heartbeat/{me}", "exited", allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the service may be gone already
+            pass
+
+    atexit.register(exited)  # before JAX's own shutdown hook, registered earlier
+    _WATCHING.append(me)
+    threading.Thread(target=beat, name="gpt_jax-peers", daemon=True).start()
 
 
 _CREATED: list[str | None] = []  # local folders this run made, removed again if it is refused
@@ -149,7 +210,9 @@ def fail(message: str, status: int) -> None:
     """Prints one `error: ...` line and exits; skips orbax's atexit hooks, whose
     "cannot schedule new futures after interpreter shutdown" tracebacks would bury it."""
     sys.stdout.flush()
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    bars = getattr(sys.modules.get("tqdm"), "tqdm", None)  # an open progress bar: a line of its own
+    print(f"{chr(10) if bars is not None and getattr(bars, '_instances', None) else ''}"
+          f"error: {message}", file=sys.stderr, flush=True)
     _remove_created()
     os._exit(status)
 
@@ -285,7 +348,10 @@ def run(main: Callable[[list[str]], None], errors: tuple[type[Exception], ...] =
         except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure one line
             if _show_tracebacks():
                 raise
-            fail(*outcome(e))
+            message, status = outcome(e)
+            if _WATCHING and type(e).__module__.startswith("jax"):  # a collective failed: if
+                time.sleep(PEER_TIMEOUT_S * 7 / 6 + 1)  # a peer died, the watcher names it first
+            fail(message, status)
         if loop.interrupted():  # Ctrl-C: the loop saved and said so; the status says it too
             sys.stdout.flush()
             sys.stderr.flush()

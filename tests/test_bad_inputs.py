@@ -14,6 +14,7 @@ import time
 
 import pytest
 from conftest import REPO, record_fault, run_python, tiny_config
+from test_sharding import free_port, start_processes
 from test_train import train_args
 
 from gpt_jax.tokenizer import build_char_tokenizer
@@ -174,3 +175,37 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         "error: interrupted twice (Ctrl-C): exiting now, without saving")
     assert seconds < 10
+
+
+def test_a_dead_peer_is_one_line_within_the_heartbeat_timeout(tmp_path):
+    """SIGKILL one of two processes mid-run: the survivor names it and exits 1 within
+    cli.PEER_TIMEOUT_S (plus one heartbeat interval), not after JAX's 100 s abort."""
+    from gpt_jax.cli import PEER_TIMEOUT_S
+    workdir = tmp_path / "run"
+    args = train_args(workdir, tmp_path / "data", steps=100000,
+                      **{"mesh.cpu_devices": 1, "train.ckpt_every": 100000,
+                         "train.eval_every": 100000, "train.sample_tokens": 0})
+    procs = start_processes(args, free_port(), devices=1)
+    try:
+        deadline = time.time() + 300
+        while not ((workdir / "metrics.jsonl").exists()
+                   and len((workdir / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert time.time() < deadline and procs[0].poll() is None, "no steps logged"
+            time.sleep(0.2)
+        procs[1].kill()
+        tic = time.time()
+        _, err = procs[0].communicate(timeout=PEER_TIMEOUT_S + 60)
+        seconds = time.time() - tic
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 1, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: lost process 1 of 2: no heartbeat"), \
+        err[-3000:]
+    assert "Traceback" not in err
+    assert seconds < PEER_TIMEOUT_S + PEER_TIMEOUT_S / 6 + 10, seconds
+    print(f"\nthe survivor stopped {seconds:.1f} s after its peer was killed")
+    record_fault("SIGKILL of one of two processes mid-run (`test_bad_inputs`)",
+                 "the survivor exits 1 in one line naming the lost process, within the "
+                 f"{PEER_TIMEOUT_S:.0f} s heartbeat timeout", "passed")
