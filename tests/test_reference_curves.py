@@ -43,6 +43,45 @@ def test_pinned_curves_reproduce(tmp_path):
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
+# Reruns gpt2:small with one change the check must catch; prints {change: compare() line}.
+PERTURBED = """
+import json, sys
+from gpt_jax import reference as r
+CHANGES = {"peak_lr +0.1%": lambda c: c.optim.update(peak_lr=c.optim.peak_lr * 1.001),
+           "no 1/sqrt(2L) residual init": lambda c: c.model.update(scale_residual_init=False)}
+root, original, out = sys.argv[1], r.reference_config, {}
+r.configure_jax(root + "/xla_cache")
+for i, (name, change) in enumerate(CHANGES.items()):
+    def changed(ref, data_dir, change=change):
+        cfg = original(ref, data_dir)
+        change(cfg)
+        return cfg
+    r.reference_config = changed
+    curve = r.run_all(["gpt2:small"], f"{root}/{i}")["gpt2:small"]
+    out[name] = r.compare(r.read("gpt2:small"), curve)
+print(json.dumps(out))
+"""
+
+
+def test_the_tolerance_still_catches_small_real_changes(tmp_path):
+    """RTOL is wide enough for another CPU's rounding, not for a change that matters: a
+    peak learning rate 0.1% higher (moves gpt2:small by about 3.5e-4) and GPT-2's residual
+    init dropped (7.7e-3) both fail the check, naming the config and step."""
+    out = run_python(["-c", PERTURBED, str(tmp_path)], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    verdicts = json.loads(out.stdout.strip().splitlines()[-1])
+    for change, verdict in verdicts.items():
+        assert verdict is not None, f"{change} passed the check"
+        assert verdict.startswith("gpt2:small: "), verdict
+
+
+def test_a_pinned_file_records_its_machine():
+    for r in ref_lib.REFERENCES.values():
+        pinned = ref_lib.read(r.name)
+        assert pinned["machine"]["cpu"] and pinned["machine"]["cores"] >= 1, r.name
+        assert pinned["tolerance"] == {"rtol": ref_lib.RTOL, "atol": ref_lib.ATOL}, r.name
+
+
 def test_every_experiment_has_a_reference_or_a_reason():
     files = {os.path.relpath(p, EXPERIMENTS)
              for p in glob.glob(os.path.join(EXPERIMENTS, "**", "*.py"), recursive=True)
