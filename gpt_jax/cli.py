@@ -59,6 +59,12 @@ def accepted_changes() -> list[str]:
     return list(f.accept_changes) if "accept_changes" in f and f.is_parsed() else []
 
 
+def run_options() -> dict[str, Any]:
+    """`loop.run`'s keyword arguments from this command's --restart and --accept_changes
+    (their defaults when called as a library, without parsed flags)."""
+    return {"restart": restart_requested(), "accept_changes": accepted_changes()}
+
+
 def start() -> None:
     """Quiets INFO logs (orbax logs every file) unless --verbosity was given, splits a
     CPU-only host into `mesh.cpu_devices` devices, and joins the other processes of a

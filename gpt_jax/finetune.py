@@ -393,7 +393,7 @@ def finetune(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> di
     sharding.check_batch(cfg, mesh)
     Workdir(workdir).save_tokenizer(tok)
     task = make_task(cfg, init_from, mesh, train_arrays, val_arrays)
-    final, _, _ = loop.run(cfg, workdir, mesh, task)
+    final, _, _ = loop.run(cfg, workdir, mesh, task, **cli.run_options())
     if jax.process_index() == 0:
         shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}
         print(f"{cfg.name}: {shown}")

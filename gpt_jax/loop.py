@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +27,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from gpt_jax import checkpoint as ckpt_lib
-from gpt_jax import cli, optim, provenance, sharding, steps
 from gpt_jax import data as data_lib
 from gpt_jax import lease as lease_lib
 from gpt_jax import model as model_lib
+from gpt_jax import optim, provenance, sharding, steps
 from gpt_jax.flops import device_peak_flops
 from gpt_jax.metrics import MetricsWriter, last_step
 from gpt_jax.workdir import Workdir, WorkdirError, check_compatible
@@ -251,19 +251,20 @@ def computing() -> bool:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.sharding.Mesh,
-        task: Task, restart: bool | None = None) -> tuple[dict, Any, bool]:
+        task: Task, restart: bool = False,
+        accept_changes: Sequence[str] = ()) -> tuple[dict, Any, bool]:
     """Trains `task` to `train.steps`, resuming from `workdir`, as its one writer: process 0
-    holds the workdir's lease (`gpt_jax.lease`) until this returns. `restart` (default:
-    the command's --restart) lets a workdir whose metrics show progress but that holds no
-    restorable checkpoint start over (see `check_fresh_start`).
+    holds the workdir's lease (`gpt_jax.lease`) until this returns. `restart` (a command's
+    --restart) lets a workdir whose metrics show progress but that holds no restorable
+    checkpoint start over (see `check_fresh_start`); `accept_changes` (--accept_changes)
+    names the provenance categories a resume may change (`provenance.parse_accept`).
 
     Returns (last logged metrics, final params, whether the run was preempted).
     """
     workdir = Workdir(workdir)
     lease = take_lease(workdir, cfg)
     try:
-        return _run(cfg, workdir, mesh, task, lease,
-                    cli.restart_requested() if restart is None else restart)
+        return _run(cfg, workdir, mesh, task, lease, restart, accept_changes)
     finally:
         if lease is not None:
             lease.release()
@@ -301,14 +302,15 @@ def check_fresh_start(workdir: Workdir, restart: bool) -> None:
 
 
 def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Mesh,
-         task: Task, lease: lease_lib.Lease | None, restart: bool) -> tuple[dict, Any, bool]:
+         task: Task, lease: lease_lib.Lease | None, restart: bool,
+         accept_changes: Sequence[str]) -> tuple[dict, Any, bool]:
     trainer = build_trainer(cfg, mesh, task.loss_fn, task.boxed_params, task.init_params,
                             task.optimizer)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep)
     ckpt.check_writable()
     if ckpt.latest_step() is None:
         check_fresh_start(workdir, restart)
-    accept = provenance.parse_accept(cli.accepted_changes())
+    accept = provenance.parse_accept(accept_changes)
     record = provenance.compute(cfg, task.tokenizer, task.token_store)
     state, meta = restore_or_init(trainer, ckpt, workdir)
     changes = (provenance.verify_resume(meta, record, cfg, workdir, accept,

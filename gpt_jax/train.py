@@ -126,7 +126,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         tokens_per_step=cfg.train.batch_size * cfg.model.context,
         flops_per_token=flops_per_token(cfg.model),
         tokenizer=corpus.tokenizer, token_store=corpus.store)  # saved in the workdir by run
-    final, params, preempted = loop.run(cfg, workdir, mesh, task)
+    final, params, preempted = loop.run(cfg, workdir, mesh, task, **cli.run_options())
     t = cfg.train
     if not preempted and t.get("final_full_eval", False) and len(corpus.names) == 1:
         final.update(validation_against_compressors(cfg, mesh, corpus, params))

@@ -505,7 +505,7 @@ def train_ppo(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> d
     corpus = data_lib.prepare(cfg) if p.ptx_batch_size else None
     Workdir(workdir).save_tokenizer(tok)
     task = make_task(cfg, value_cfg, init_from, mesh, tok, prompts, held_out, corpus, target)
-    final, params, preempted = loop.run(cfg, workdir, mesh, task)
+    final, params, preempted = loop.run(cfg, workdir, mesh, task, **cli.run_options())
     if not preempted:
         export_policy(cfg, params["policy"], tok, Workdir(workdir) / POLICY_DIR, p.iterations)
         if "ema" in params:

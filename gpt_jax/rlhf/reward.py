@@ -265,7 +265,7 @@ def train_reward(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -
     Workdir(workdir).save_tokenizer(tok)
     encode = lambda rows: encode_rankings(rows, tok, r.max_len, r.max_k)  # noqa: E731
     task = make_task(cfg, init_from, mesh, encode(train_rows), encode(val_rows))
-    final, params, _ = loop.run(cfg, workdir, mesh, task)
+    final, params, _ = loop.run(cfg, workdir, mesh, task, **cli.run_options())
 
     demos, source = demonstrations(cfg, train_rows)
     demo_arrays = common.pad_examples(

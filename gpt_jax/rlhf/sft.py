@@ -106,7 +106,7 @@ def sft(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> dict:
     Workdir(workdir).save_tokenizer(tok)
     task = make_task(cfg, init_from, mesh, encode_split(train_rows, tok, cfg.sft.max_len),
                      encode_split(val_rows, tok, cfg.sft.max_len))
-    final, _, _ = loop.run(cfg, workdir, mesh, task)
+    final, _, _ = loop.run(cfg, workdir, mesh, task, **cli.run_options())
     if jax.process_index() == 0:
         print(f"{cfg.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()
                                            if k in ("loss", "eval_loss")))
