@@ -118,7 +118,8 @@ def test_curves_and_scaling_match_metrics(workdirs):
         # non-embedding: one block (2 LNs, qkv, proj, fc, proj) + final LN, by hand
         n = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * 64 + 64) + (64 * d + d) + 2 * d
         assert point.n_params == n
-        assert plot.count_params(run.config.model, "total") == n + (256 + 32) * d
+        vocab = run.config.model.vocab_size
+        assert plot.count_params(run.config.model, "total") == n + (vocab + 32) * d
         assert (point.tokens, point.loss) == (last_eval["tokens"], last_eval["eval_loss"])
         assert point.compute == 6 * n * last_eval["tokens"]
     fit = plot.fit_power_law([p.compute for p in scaling.points], [p.loss for p in scaling.points])

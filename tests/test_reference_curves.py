@@ -139,7 +139,7 @@ def _curve() -> dict:
 def test_a_moved_curve_names_the_config_and_its_first_step():
     pinned, fresh = _curve(), _curve()
     assert ref_lib.compare(pinned, fresh) is None
-    fresh["loss"][4] *= 1 + 1e-4
+    fresh["loss"][4] *= 1 + 1e-3
     fresh["loss"][9] *= 1 + 1e-2
     message = ref_lib.compare(pinned, fresh)
     assert message.startswith(f"gpt2:small: loss at step {fresh['steps'][4]} is ")

@@ -241,7 +241,7 @@ from gpt_jax import cli, loop
 from gpt_jax.rlhf import ppo
 run = loop.run
 workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
-def run_and_kill(cfg, wd, mesh, task):
+def run_and_kill(cfg, wd, mesh, task, **options):
     make = task.make_step
     def make_killing(trainer):
         step = make(trainer)
@@ -256,7 +256,7 @@ def run_and_kill(cfg, wd, mesh, task):
             return step(state, it)
         return killing
     task.make_step = make_killing
-    return run(cfg, wd, mesh, task)
+    return run(cfg, wd, mesh, task, **options)
 loop.run = run_and_kill
 cli.define_run_flags("PPO", init_from=True)
 from absl import app

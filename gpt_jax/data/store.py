@@ -410,7 +410,8 @@ class TokenStore:
 
 def _check_inside(root: epath.Path, manifest: dict[str, Any], where: str) -> None:
     """StoreError naming the entry if a shard or the tokenizer `file` lies outside the store."""
-    entries = [("the tokenizer", manifest["tokenizer"].get("file"))] + [
+    tokenizer_file = manifest["tokenizer"].get("file")  # None: a store made without one
+    entries = ([("the tokenizer", tokenizer_file)] if tokenizer_file is not None else []) + [
         (f"shard of {name}/{split}", shard.get("file"))
         for name, source in manifest["sources"].items()
         for split, record in source["splits"].items() for shard in record["shards"]]
