@@ -42,6 +42,7 @@ import ml_collections
 from etils import epath
 
 from gpt_jax import config as config_lib
+from gpt_jax import storage
 from gpt_jax.config import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -85,6 +86,7 @@ def configure_storage() -> None:
     gs.setdefault("use_listings_cache", False)
     if emulator:
         gs.setdefault("token", "anon")
+    storage.configure_clients()  # a deadline per request; an empty prefix lists as empty
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

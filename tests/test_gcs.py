@@ -260,3 +260,30 @@ same = all(np.array_equal(*(c.batch(seed=0, step=s, global_batch=8, context=64)
                             for c in corpora)) for s in (0, 5, 40))
 print("equal" if same else "different")
 """
+
+
+EMPTY_PREFIX = """
+from gpt_jax.workdir import configure_storage
+configure_storage()
+from etils import epath
+import jax.numpy as jnp
+from gpt_jax.checkpoint import Checkpointer, file_checksums
+fresh = epath.Path("gs://test-bucket/never-written/checkpoints")
+print(fresh.exists(), list(fresh.iterdir()), file_checksums(fresh))
+ckpt = Checkpointer("gs://test-bucket/never-written")
+ckpt.check_writable()  # its probe object is deleted again: the prefix holds nothing
+ckpt.manager.reload()  # orbax lists checkpoints/ as a save does
+ckpt.save(10, {"w": jnp.ones(4)}, {"m": jnp.zeros(4)}, {"step": 10})
+ckpt.close()
+print(ckpt.latest_step(), ckpt.verify(10))
+"""
+
+
+def test_a_save_into_an_empty_prefix(gcs, tmp_path):
+    """Issue 25 item 4: Cloud Storage has no directories, so listing a prefix that holds
+    nothing yet (a fresh run's `checkpoints/`) must give an empty listing. gcsfs answered it
+    with a GET of the object `never-written/checkpoints` and raised `FileNotFoundError:
+    b/test-bucket/o/never-written%2Fcheckpoints`, the error a first save died of."""
+    out = run_python(["-c", EMPTY_PREFIX], env=gcs_env(gcs), cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["False [] {}", "10 None"], out.stdout
