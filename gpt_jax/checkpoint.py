@@ -26,10 +26,17 @@ sealing was part of the commit, or its checksums.json removed) is unverified, so
 sealed one wins over it, and it is restored (with a warning) only when no sealed one does.
 The trainer moves a checkpoint it passes over to `<workdir>/quarantine/` for inspection (it
 would otherwise block the save of that step); a reader leaves it where it is.
+
+Outages. A save that fails (storage refused or did not answer it) keeps the previous good
+checkpoint: orbax commits a step only once all of it is written, so the failed one never
+counts. With `max_failed_saves` > 1 it costs one warning line and training goes on, the
+next interval's save retrying; the run stops (CheckpointError, exit 1) only when that many
+saves in a row have failed, or at once when the cause is the disk's (full, read-only).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -120,6 +127,20 @@ def verify_checksums(step_dir: str | os.PathLike) -> str | None:
     return None
 
 
+# A full disk, a read-only or unwritable one: no outage, so no later save would do better.
+_LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _local_failure(e: BaseException | None) -> bool:
+    """Whether a failed save's cause (or what caused it) is the disk's, not an outage."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in _LOCAL_ERRNOS:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def _warn(text: str) -> None:
     logging.warning(text)
     print(f"warning: {text}", file=sys.stderr, flush=True)
@@ -130,13 +151,15 @@ class Checkpointer:
     read-only (`read_only=True`: restore only; nothing in the workdir changes)."""
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 2, async_save: bool = True,
-                 *, read_only: bool = False) -> None:
+                 *, read_only: bool = False, max_failed_saves: int = 1) -> None:
         self.workdir = Workdir(workdir)
         self.directory = self.workdir.checkpoints
         self.read_only = read_only
         self._async = async_save
         self._sealed: set[int] = set()
         self._saving: int | None = None  # the step whose save is in flight
+        self._max_failed = max_failed_saves
+        self.failed_saves = 0  # consecutive saves that failed
         if read_only:
             options = ocp.CheckpointManagerOptions(
                 read_only=True, create=False, cleanup_tmp_directories=False,
@@ -188,12 +211,30 @@ class Checkpointer:
                 self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
+            self._failure(e)
+
+    def _failure(self, e: BaseException) -> None:
+        """A save failed: one warning line while fewer than `max_failed_saves` in a row
+        have, else CheckpointError."""
+        self.failed_saves += 1
+        if self.failed_saves >= self._max_failed or _local_failure(e):
             raise self._save_failed(e) from e
+        cause = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        _warn(f"saving checkpoint step {self._saving} in {self.directory} failed ({cause}); "
+              f"{self.failed_saves} of train.max_failed_saves={self._max_failed} in a row. "
+              f"Training goes on; the last good checkpoint is step {self._last_good()}, and "
+              "the next interval's save retries")
+
+    def last_good(self) -> int | None:
+        """The newest checkpoint this run sealed and orbax committed (None if none)."""
+        return self._last_good()
 
     def _save_failed(self, e: BaseException) -> CheckpointError:
         cause = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        return CheckpointError(f"saving a checkpoint in {self.directory} failed ({cause}); "
-                               f"stopping. The last good checkpoint is step "
+        times = (f" ({self.failed_saves} saves in a row, train.max_failed_saves="
+                 f"{self._max_failed})" if self._max_failed > 1 else "")
+        return CheckpointError(f"saving a checkpoint in {self.directory} failed ({cause})"
+                               f"{times}; stopping. The last good checkpoint is step "
                                f"{self._last_good()}")
 
     def _last_good(self) -> int | None:
@@ -229,6 +270,11 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()  # orbax saves one step at a time
             self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - the previous save failed: count it
+            self._failure(e)
+        if self._saving is not None and self._saving in self.manager.all_steps():
+            self.failed_saves = 0  # the previous save committed
+        try:
             self._saving = step
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
@@ -237,7 +283,7 @@ class Checkpointer:
                 self.manager.wait_until_finished()
                 self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001 - any failure of the save path, named
-            raise self._save_failed(e) from e
+            self._failure(e)
 
     def restore_latest(self, abstract_params: Any, abstract_opt_state: Any | None = None,
                        before_restore: Any = None) -> tuple[int, dict] | None:
@@ -343,11 +389,13 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for the last save; a failed one stops the run (it was the last chance)."""
         try:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
-            raise self._save_failed(e) from e
+            self.failed_saves = self._max_failed - 1
+            self._failure(e)
         self.manager.close()
 
 

@@ -69,7 +69,7 @@ def start() -> None:
     """Quiets INFO logs (orbax logs every file) unless --verbosity was given, splits a
     CPU-only host into `mesh.cpu_devices` devices, and joins the other processes of a
     multi-process run."""
-    from gpt_jax import loop, sharding
+    from gpt_jax import loop, sharding, storage
 
     loop.catch_sigterm()  # a preemption notice during start-up exits 0 at the first safe point
     f = flags.FLAGS
@@ -78,6 +78,9 @@ def start() -> None:
         logging.get_absl_handler().addFilter(_no_orbax_tracebacks)
     if "config" in f and f.config is not None:
         sharding.set_cpu_devices(f.config)
+        if "train" in f.config:  # token reads before the loop (data.prepare) retry as long
+            storage.set_budget(f.config.train.get("storage_retry_budget_s",
+                                                  storage.DEFAULT_BUDGET_S))
     if "coordinator_address" in f:
         sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
         watch_peers()
@@ -330,6 +333,7 @@ def run(main: Callable[[list[str]], None], errors: tuple[type[Exception], ...] =
     from gpt_jax import loop
     from gpt_jax.checkpoint import CheckpointError
     from gpt_jax.config import ConfigError
+    from gpt_jax.storage import StorageStalled
     from gpt_jax.workdir import WorkdirError
 
     def outcome(e: BaseException) -> tuple[str, int]:
@@ -337,7 +341,7 @@ def run(main: Callable[[list[str]], None], errors: tuple[type[Exception], ...] =
             return _last_line(str(e)), RUNTIME if loop.computing() else USAGE
         if isinstance(e, KeyboardInterrupt):
             return "interrupted (Ctrl-C)", INTERRUPTED
-        if isinstance(e, (CheckpointError, loop.NonFiniteLossError)):
+        if isinstance(e, (CheckpointError, loop.NonFiniteLossError, StorageStalled)):
             return _last_line(str(e)), RUNTIME
         text = _last_line(str(e)) or "no message"
         what = f"{e.filename}: {e.strerror or text}" if isinstance(e, OSError) and e.filename \

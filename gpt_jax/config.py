@@ -96,6 +96,12 @@ def base_config() -> ml_collections.ConfigDict:
     # A trainer's lease on its workdir (gpt_jax/lease.py) whose heartbeat is older than
     # this is taken over by the next trainer; the heartbeat is refreshed every timeout / 5.
     t.lease_timeout_s = 300.0
+    # Storage outages (gpt_jax/storage.py): how long a storage call the run needs (a token
+    # read, the metrics fold) is retried before the run stops, and how many checkpoint
+    # saves in a row may fail (each keeps the last good one and training going) before it
+    # stops with exit 1.
+    t.storage_retry_budget_s = 600.0
+    t.max_failed_saves = 3
     t.sample_tokens = 64
     t.sample_prompt = "def "
     t.sample_temperature = 0.8  # 0 = greedy
@@ -233,6 +239,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = _get(cfg, field)
         if not isinstance(value, int) or value < 1:
             _fail(field, value, "must be a positive integer")
+    saves = t.get("max_failed_saves", 3)
+    if not isinstance(saves, int) or isinstance(saves, bool) or saves < 1:
+        _fail("train.max_failed_saves", saves, "must be a positive integer")
+    budget = t.get("storage_retry_budget_s", 600.0)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        _fail("train.storage_retry_budget_s", budget, "must be > 0 (seconds)")
     if m.d_model % m.n_head:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")

@@ -6,6 +6,13 @@ the workdir's latest checkpoint, the jitted step, metrics.jsonl/TensorBoard,
 evaluation, asynchronous checkpoints (last `train.keep` plus the best by eval
 loss), SIGTERM -> checkpoint and exit 0, and a stop naming the step on a
 non-finite loss.
+
+Storage outages (gpt_jax/storage.py): token reads retry for `train.storage_retry_budget_s`,
+metrics are written in the background, a failed save is retried at the next interval
+(`train.max_failed_saves`), and a SIGTERM is honoured within SIGTERM_GRACE_S whatever
+storage is doing: a watchdog thread, woken by the signal itself (a wakeup fd, so even a
+main thread blocked in a storage client's C++ code cannot delay it), exits with status 1
+and one line naming the last good checkpoint when the save at the stop has not finished.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import data as data_lib
 from gpt_jax import lease as lease_lib
 from gpt_jax import model as model_lib
-from gpt_jax import optim, provenance, sharding, steps
+from gpt_jax import optim, provenance, sharding, steps, storage
 from gpt_jax.flops import device_peak_flops
 from gpt_jax.metrics import MetricsWriter, last_step
 from gpt_jax.workdir import Workdir, WorkdirError, check_compatible
@@ -227,6 +234,42 @@ def catch_sigterm() -> None:
     (130, `cli.run`); a second Ctrl-C exits at once, without saving."""
     signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
     signal.signal(signal.SIGINT, _on_sigint)
+    _start_watchdog()
+
+
+SIGTERM_GRACE_S = 25.0  # a preemption notice gives about 30 s
+_LAST_GOOD: list[Callable[[], Any]] = []  # the running loop's Checkpointer.last_good
+
+
+def _start_watchdog() -> None:
+    """The thread that bounds how long a SIGTERM may take once training has begun (see the
+    module docstring); once per process, from the main thread."""
+    if _WATCHDOG:
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    try:
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: a library caller; no watchdog
+        return
+    _WATCHDOG.append(read)
+
+    def watch() -> None:
+        while signal.SIGTERM not in os.read(read, 64):
+            pass
+        deadline = time.monotonic() + SIGTERM_GRACE_S
+        while time.monotonic() < deadline or not computing():
+            time.sleep(0.2)
+        step = _LAST_GOOD[-1]() if _LAST_GOOD else None
+        os.write(2, (f"\nerror: SIGTERM: the run could not save within {SIGTERM_GRACE_S:g} s "
+                     f"(storage did not answer); exiting now. The last good checkpoint is "
+                     f"step {step}\n").encode())
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sigterm watchdog", daemon=True).start()
+
+
+_WATCHDOG: list[int] = []
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
@@ -306,7 +349,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
          accept_changes: Sequence[str]) -> tuple[dict, Any, bool]:
     trainer = build_trainer(cfg, mesh, task.loss_fn, task.boxed_params, task.init_params,
                             task.optimizer)
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep)
+    storage.set_budget(cfg.train.get("storage_retry_budget_s", storage.DEFAULT_BUDGET_S))
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep,
+                                 max_failed_saves=cfg.train.get("max_failed_saves", 3))
+    _LAST_GOOD.append(ckpt.last_good)
     ckpt.check_writable()
     if ckpt.latest_step() is None:
         check_fresh_start(workdir, restart)

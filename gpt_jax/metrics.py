@@ -14,6 +14,12 @@ writes only the rows since the last one; every CHUNK segments are rewritten as o
 `<first>-<last>.jsonl`, so readers make CHUNK times fewer requests) that readers
 concatenate after `metrics.jsonl`; opening and closing the writer fold them into
 `metrics.jsonl`.
+
+Outages. On gs:// the writes (segments, chunks, their deletion, TensorBoard's uploads) run
+on a background thread (`storage.Background`), in order, each retried until the store
+answers: training goes on through an outage, and since every write names its object a
+retry rewrites the same object, so no row is dropped or written twice. `close()` waits
+for them for up to the run's storage retry budget.
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ from typing import Any
 import jax
 from etils import epath
 
-from gpt_jax.workdir import METRICS_FILE, Workdir, WorkdirError, describe_error
+from gpt_jax import storage
+from gpt_jax.workdir import (
+    METRICS_FILE,
+    Workdir,
+    WorkdirError,
+    atomic_write_bytes,
+    describe_error,
+)
 
 SEGMENTS_DIR = METRICS_FILE + ".d"  # gs:// only: a live run's rows since it opened
 CHUNK = 64  # every CHUNK segments become one object `<first>-<last>.jsonl`
@@ -62,13 +75,18 @@ class MetricsWriter:
             self._pending: list[str] = []
             self._unchunked: list[str] = []  # the segments' rows since the last chunk
             self._last_flush = time.monotonic()
+            self._background = storage.Background(f"metrics writer {self._workdir}")
         else:
             _repair_local(self._workdir, resume_step)
             self._file = self._path.open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter  # writes gs:// through google-cloud-storage
             purge = None if resume_step is None else resume_step + (resume_step > 0)
-            self._tb = SummaryWriter(self._workdir.tensorboard, purge_step=purge)
+            # On gs:// its uploads happen at flush(), on the background thread, retried;
+            # its own thread would die on the first failed upload and drop what follows.
+            flush_secs = 2_000_000 if self._workdir.remote else 120  # < 2**31 ms
+            self._tb = SummaryWriter(self._workdir.tensorboard, purge_step=purge,
+                                     flush_secs=flush_secs)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
@@ -91,22 +109,26 @@ class MetricsWriter:
     def _flush_remote(self) -> None:
         if self._pending:
             text = "".join(self._pending)
-            self._workdir.write_text(f"{SEGMENTS_DIR}/{self._segment:06d}.jsonl", text)
+            self._put(f"{SEGMENTS_DIR}/{self._segment:06d}.jsonl", text)
             self._unchunked.append(text)
             self._segment += 1
             self._pending = []
             if len(self._unchunked) == CHUNK:  # one object for the last CHUNK segments
                 first = self._segment - CHUNK
-                self._workdir.write_text(
-                    f"{SEGMENTS_DIR}/{first:06d}-{self._segment - 1:06d}.jsonl",
-                    "".join(self._unchunked))
+                self._put(f"{SEGMENTS_DIR}/{first:06d}-{self._segment - 1:06d}.jsonl",
+                          "".join(self._unchunked))
                 self._unchunked = []
-                try:  # readers skip segments a chunk holds; the next open deletes them
-                    _delete([self._workdir / SEGMENTS_DIR / f"{i:06d}.jsonl"
-                             for i in range(first, self._segment)])
-                except WorkdirError as e:
-                    print(f"warning: {e}", file=sys.stderr, flush=True)
+                # readers skip segments a chunk holds; the next open deletes leftovers
+                covered = [self._workdir / SEGMENTS_DIR / f"{i:06d}.jsonl"
+                           for i in range(first, self._segment)]
+                self._background.put(f"deleting {len(covered)} metrics segments",
+                                     lambda: _delete(covered))
         self._last_flush = time.monotonic()
+
+    def _put(self, name: str, text: str) -> None:
+        """Writes object `name` of the workdir on the background thread (retried)."""
+        path, data = self._workdir / name, text.encode()
+        self._background.put(f"metrics write of {path}", lambda: atomic_write_bytes(path, data))
 
     def flush(self) -> None:
         """Makes every row written so far durable (metrics.jsonl and TensorBoard)."""
@@ -117,7 +139,11 @@ class MetricsWriter:
         else:
             self._flush_remote()
         if self._tb is not None:
-            self._tb.flush()
+            if self._file is None:
+                self._background.put(f"TensorBoard events in {self._workdir.tensorboard}",
+                                     self._tb.flush)
+            else:
+                self._tb.flush()
 
     def close(self) -> None:
         """Flushes; on gs:// also folds the run's segments into metrics.jsonl (once: a
@@ -125,16 +151,27 @@ class MetricsWriter:
         if not self.active:
             return
         self.flush()
+        written = True
         if self._file is not None:
             self._file.close()
+        elif not self._background.close(storage.budget()):
+            written = False
+            print(f"warning: {self._background.pending} metrics writes to {self._workdir} did "
+                  f"not complete within train.storage_retry_budget_s={storage.budget():g} s "
+                  "(storage unreachable); the rows since the last one that did are lost",
+                  file=sys.stderr, flush=True)
         else:
             try:
                 _fold_segments(self._workdir, None)
             except WorkdirError as e:
                 print(f"warning: {e}; its rows stay in {self._workdir / SEGMENTS_DIR}",
                       file=sys.stderr, flush=True)
-        if self._tb is not None:
-            self._tb.close()
+        if self._tb is not None and written:
+            try:
+                self._tb.close()
+            except Exception as e:  # noqa: BLE001 - TensorBoard is a copy of metrics.jsonl
+                print(f"warning: TensorBoard events in {self._workdir.tensorboard}: "
+                      f"{storage.cause(e)}", file=sys.stderr, flush=True)
         self.active = False
 
 

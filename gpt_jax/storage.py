@@ -25,6 +25,7 @@ die on one (README, "Reliability"). Three pieces:
 from __future__ import annotations
 
 import functools
+import os
 import queue
 import sys
 import threading
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 REQUEST_TIMEOUT_S = 20.0  # one gcsfs request (connect and answer)
+STALL_NOTICE_S = 10.0  # a call this long without an answer is announced as stalled
 DEFAULT_BUDGET_S = 600.0  # train.storage_retry_budget_s
 _BUDGET = [DEFAULT_BUDGET_S]
 _MAX_BACKOFF_S = 30.0
@@ -83,30 +85,43 @@ def retry(fn: Callable[[], Any], what: str, budget_s: float | None = None,
     (default: the run's budget); then StorageStalled. `stop()` true ends the retries early
     (the last error is raised). One line when it first stalls, one when it resumes."""
     limit = budget() if budget_s is None else budget_s
-    start, delay, stalled = time.monotonic(), 1.0, False
-    while True:
-        try:
-            out = fn()
-        except Exception as e:  # noqa: BLE001 - sorted by `transient`
-            if not transient(e):
-                raise
-            waited = time.monotonic() - start
-            if waited >= limit:
-                raise StorageStalled(f"{what}: storage did not answer for {waited:.0f} s "
-                                     f"(train.storage_retry_budget_s={limit:g}; {cause(e)})"
-                                     ) from e
-            if stop is not None and stop():
-                raise
-            if not stalled:
-                say(f"warning: storage stalled: {what} ({cause(e)}); retrying for up to "
-                    f"{limit:.0f} s")
-                stalled = True
-            time.sleep(min(delay, max(0.05, limit - waited)))
-            delay = min(2 * delay, _MAX_BACKOFF_S)
-            continue
-        if stalled:
-            say(f"storage resumed: {what} after {time.monotonic() - start:.0f} s")
-        return out
+    start, delay = time.monotonic(), 1.0
+    stalled = threading.Event()  # set once the stall was announced
+
+    def announce(why: str) -> None:
+        if not stalled.is_set():
+            stalled.set()
+            say(f"warning: storage stalled: {what} ({why}); retrying for up to {limit:.0f} s")
+
+    # A request that hangs (the client's own deadline and retries not yet spent) is a
+    # stall too: announced after STALL_NOTICE_S without an answer.
+    timer = threading.Timer(STALL_NOTICE_S, announce,
+                            (f"no answer for {STALL_NOTICE_S:g} s",))
+    timer.daemon = True
+    timer.start()
+    try:
+        while True:
+            try:
+                out = fn()
+            except Exception as e:  # noqa: BLE001 - sorted by `transient`
+                if not transient(e):
+                    raise
+                waited = time.monotonic() - start
+                if waited >= limit:
+                    raise StorageStalled(f"{what}: storage did not answer for {waited:.0f} s "
+                                         f"(train.storage_retry_budget_s={limit:g}; "
+                                         f"{cause(e)})") from e
+                if stop is not None and stop():
+                    raise
+                announce(cause(e))
+                time.sleep(min(delay, max(0.05, limit - waited)))
+                delay = min(2 * delay, _MAX_BACKOFF_S)
+                continue
+            if stalled.is_set():
+                say(f"storage resumed: {what} after {time.monotonic() - start:.0f} s")
+            return out
+    finally:
+        timer.cancel()
 
 
 class Background:
@@ -162,7 +177,13 @@ class Background:
 @functools.cache
 def configure_clients() -> None:
     """Deadlines for gcsfs requests, and empty listings for empty prefixes (see the module
-    docstring). Idempotent; called by `workdir.configure_storage`."""
+    docstring). Idempotent; called by `workdir.configure_storage`, before tensorstore's
+    HTTP transport starts (it reads these once): a request that receives nothing for
+    REQUEST_TIMEOUT_S fails (and is retried) instead of waiting forever."""
+    for name, value in (("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", REQUEST_TIMEOUT_S),
+                        ("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", REQUEST_TIMEOUT_S),
+                        ("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", 1)):
+        os.environ.setdefault(name, str(int(value)))
     try:
         import aiohttp
         import fsspec.config
@@ -170,7 +191,8 @@ def configure_clients() -> None:
     except ImportError:
         return
     fsspec.config.conf.setdefault("gs", {}).setdefault(
-        "requests_timeout", aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
+        "requests_timeout", aiohttp.ClientTimeout(  # per read, so a large upload may take long
+            total=None, sock_connect=REQUEST_TIMEOUT_S, sock_read=REQUEST_TIMEOUT_S))
     cls = gcsfs.GCSFileSystem
     listed = cls._list_objects
 

@@ -44,6 +44,7 @@ import google_crc32c  # ships with google-cloud-storage; the C implementation
 import numpy as np
 from etils import epath
 
+from gpt_jax import storage
 from gpt_jax.config import ConfigError
 from gpt_jax.tokenizer import Tokenizer, load_tokenizer
 from gpt_jax.workdir import atomic_write_bytes
@@ -259,10 +260,11 @@ class ShardedTokens:
     @functools.cached_property
     def _kvstore(self) -> Any:
         import tensorstore as ts
-        # Transient errors are retried; an endpoint that stays down fails in about a minute
-        # (tensorstore's default, 32 retries backing off to 32 s, would wait ~15 minutes).
-        context = ts.Context({"gcs_request_retries": {"max_retries": 8, "initial_delay": "1s",
-                                                      "max_delay": "10s"}})
+        # tensorstore retries a failed request a few times (about 7 s); beyond that,
+        # read_ranges retries for train.storage_retry_budget_s (storage.retry), so that
+        # budget, not tensorstore's (by default 32 retries up to 32 s apart), is the limit.
+        context = ts.Context({"gcs_request_retries": {"max_retries": 3, "initial_delay": "1s",
+                                                      "max_delay": "4s"}})
         return ts.KvStore.open(os.fspath(self.root).rstrip("/") + "/", context=context).result()
 
     def _value(self, result: Any, file: str) -> np.ndarray:
@@ -291,17 +293,26 @@ class ShardedTokens:
             maps = self._memmaps
             return [np.concatenate([maps[s][a:b] for s, a, b in p]) if len(p) != 1
                     else np.array(maps[p[0][0]][p[0][1]:p[0][2]]) for p in pieces]
-        import tensorstore as ts
         flat = [piece for p in pieces for piece in p]
+        what = (f"token read of {self.root / self.shards[flat[0][0]]['file']}" if flat
+                else f"token read of {self.root}")
+        # An outage (refused or unanswered requests, which tensorstore itself retries for
+        # about a minute) is retried for train.storage_retry_budget_s, with one line when
+        # the reads stall and one when they resume (storage.retry).
+        values = storage.retry(lambda: self._read_remote(flat), what)
+        arrays = iter(values)
+        return [np.concatenate([next(arrays) for _ in p]) if p else np.zeros(0, self.dtype)
+                for p in pieces]
+
+    def _read_remote(self, flat: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
+        import tensorstore as ts
         size = self.dtype.itemsize
         with ts.Batch() as batch:  # issued together, concurrently, by tensorstore's C++ client
             futures = [self._kvstore.read(self.shards[s]["file"], batch=batch,
                                           byte_range=slice(a * size, b * size))
                        for s, a, b in flat]
-        arrays = iter(self._value(f.result(), self.shards[s]["file"])
-                      for f, (s, _, _) in zip(futures, flat))
-        return [np.concatenate([next(arrays) for _ in p]) if p else np.zeros(0, self.dtype)
-                for p in pieces]
+        return [self._value(f.result(), self.shards[s]["file"])
+                for f, (s, _, _) in zip(futures, flat)]
 
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """[len(starts), length] array: row i is tokens[starts[i] : starts[i] + length]."""
