@@ -454,7 +454,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
             check_losses()
             ckpt.save(done, state["params"], state["opt_state"], meta_at(done),
                       eval_loss=last_eval if last_eval_step == done else None, force=stop)
-            writer.flush()
+            writer.flush(wait=False)  # queued: on gs:// an outage must not stop training
         if stop:
             progress.close()  # its last redraw would come after the line below
             logging.warning("%s: checkpointed step %d, exiting",

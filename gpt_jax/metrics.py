@@ -130,8 +130,10 @@ class MetricsWriter:
         path, data = self._workdir / name, text.encode()
         self._background.put(f"metrics write of {path}", lambda: atomic_write_bytes(path, data))
 
-    def flush(self) -> None:
-        """Makes every row written so far durable (metrics.jsonl and TensorBoard)."""
+    def flush(self, wait: bool = True) -> None:
+        """Makes every row written so far durable (metrics.jsonl and TensorBoard). On gs://
+        `wait=False` only queues the writes (the training loop: an outage must not stop
+        it); otherwise this waits for them, up to the storage retry budget."""
         if not self.active:
             return
         if self._file is not None:
@@ -144,13 +146,15 @@ class MetricsWriter:
                                      self._tb.flush)
             else:
                 self._tb.flush()
+        if self._file is None and wait:
+            self._background.drain(storage.budget())
 
     def close(self) -> None:
         """Flushes; on gs:// also folds the run's segments into metrics.jsonl (once: a
         failure leaves the segments, which readers still read)."""
         if not self.active:
             return
-        self.flush()
+        self.flush(wait=False)
         written = True
         if self._file is not None:
             self._file.close()
