@@ -12,7 +12,11 @@ Everything after `--` goes to Beam: the DirectRunner by default, e.g.
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
+import socket
 import time
+import urllib.parse
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -48,9 +52,57 @@ def summary(manifest: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
+GCS_ENDPOINT = "https://storage.googleapis.com"
+PROBE_TIMEOUT_S = 10.0
+
+
+def storage_endpoint() -> str:
+    """The Cloud Storage endpoint gs:// paths go to: the local server's if one is set."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if emulator and "://" not in emulator:
+        emulator = f"http://{emulator}"
+    return emulator or GCS_ENDPOINT
+
+
+def unreachable(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why a TCP connection to `endpoint` cannot be made within `timeout_s`, or None.
+
+    A probe before the pipeline: an endpoint that does not resolve, refuses or never
+    answers is not a storage blip to retry for minutes (gcsfs spends about 90 s on one
+    before it gives up), and Beam would wrap the failure in a page of traceback."""
+    url = urllib.parse.urlsplit(endpoint)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except socket.gaierror as e:
+        return f"{host} does not resolve ({e.strerror or e})"
+    except TimeoutError:
+        return f"{host}:{port} did not answer within {timeout_s:g} s"
+    except OSError as e:
+        return f"{host}:{port} refused the connection ({e.strerror or e})"
+
+
+class _Unimportant(std_logging.Filter):
+    """Drops Beam's import-time warning about optional BigQuery clients, printed on every
+    run whether or not BigQuery is used."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
 def main(argv: list[str]) -> None:
     from gpt_jax.data import pipeline  # needs the [data] extra (apache-beam, datasketch...)
     configure_storage()
+    places = (("--output", flags.FLAGS.output), ("data.data_dir", flags.FLAGS.config.data.data_dir))
+    remote = [f"{name}={path}" for name, path in places if str(path).startswith("gs://")]
+    if remote:
+        why = unreachable(storage_endpoint())
+        if why:  # the network, not the command line: exit 1
+            raise ConnectionError(f"cannot reach Cloud Storage at {storage_endpoint()} for "
+                                  f"{', '.join(remote)}: {why}; check the network, or "
+                                  "STORAGE_EMULATOR_HOST for a local server")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     tic = time.perf_counter()
@@ -71,5 +123,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    std_logging.getLogger().addFilter(_Unimportant())  # before Beam is first imported
     from gpt_jax.data.pipeline import PrepareError
     cli.run(main, errors=(PrepareError,))
