@@ -465,3 +465,94 @@ def test_the_store_is_byte_identical_across_workers_and_after_a_kill(corpus_dir,
     record_fault("`prepare` SIGKILLed (launcher and 2 workers) after its first shards "
                  "(`test_prepare`)", "no manifest, so the store is refused; a rerun into it "
                  "is byte-identical to a 1-worker run", "passed")
+
+
+TFDS_NAME = "prepare_tiny_text"  # the builder class's name in snake case
+
+
+def _tfds_dataset(data_dir, train=100, validation=12, num_shards=4):
+    """A real TFDS dataset prepared on disk (tfrecord shard files and dataset_info.json, no
+    download), `num_shards` files per split; returns {split: texts}. The builder class is not
+    registered, so this process and Beam's workers alike read it from its files."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    rng = np.random.default_rng(3)
+    texts = {"train": [f"train {i}: {_sentences(rng, 1 + i % 3)}" for i in range(train)],
+             "validation": [f"validation {i}: {_sentences(rng, 1)}" for i in range(validation)]}
+
+    class PrepareTinyText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in texts}
+
+        def _generate_examples(self, split):
+            for i, text in enumerate(texts[split]):
+                yield f"{split}-{i}", {"text": text}
+
+    PrepareTinyText(data_dir=str(data_dir)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+    return texts
+
+
+def _without_files(splits):
+    """A manifest's splits with each shard's record but its file name (which names the source)."""
+    return {s: dict(r, shards=[{k: v for k, v in x.items() if k != "file"} for x in r["shards"]])
+            for s, r in splits.items()}
+
+
+def test_tfds_is_read_by_its_shard_files_each_record_once(tmp_path):
+    """A TFDS dataset of 4 shard files per split: 2 Beam workers read one file each in turn,
+    each record once (the first `tfds_max_docs` cut inside the 4th file), to the store that
+    the sequential in-process read writes (files in turn: 25 records a file is more than
+    TFDS's default interleave block of 16, which would mix them); routed by record hash, or by the dataset's own
+    validation split."""
+    from gpt_jax.data import sources
+
+    texts = _tfds_dataset(tmp_path / "tfds")
+    cfg = config.base_config()
+    cfg.model.vocab_size, cfg.model.context = 256, 8
+    cfg.data.update(source="tfds", tfds_name=TFDS_NAME, tfds_data_dir=str(tmp_path / "tfds"),
+                    tfds_split="train", tfds_val_split="", tfds_max_docs=90, tokenizer="char",
+                    num_workers=1, val_fraction=0.25, shard_tokens=1024,
+                    data_dir=str(tmp_path / "hashed"))
+    source = data.make_source(cfg)
+    assert [(s["first"], s["rows"]) for s in source.shards] == [(0, 25), (25, 25), (50, 25),
+                                                                (75, 15)]
+    assert len({s["path"] for s in source.shards}) == 4  # four files, four reads
+    assert [os.path.basename(f["path"]) for f in source.inputs] == [
+        f"{TFDS_NAME}-train.tfrecord-0000{i}-of-00004" for i in range(4)]
+    # Shard by shard: every record once, with the index, split and text of the sequential read
+    by_shard = [r for shard in source.shards for r in sources.shard_records(cfg.data, shard)]
+    assert by_shard == list(source.routed())
+    assert [r[0] for r in by_shard] == list(range(90))
+    read = [r[2] for r in by_shard]
+    assert len(set(read)) == 90 and set(read) <= set(texts["train"])
+    assert {r[1] for r in by_shard} == {"train", "val"}
+
+    named = config.base_config()
+    named.model.vocab_size, named.model.context = 256, 8
+    named.data.update(cfg.data.to_dict(), tfds_val_split="validation", tfds_max_docs=0,
+                      data_dir=str(tmp_path / "named"))
+    source = data.make_source(named)
+    assert [(s["tfds_split"], s["route"]) for s in source.shards] == [
+        (f"train[{a}:{b}]", "train") for a, b in ((0, 25), (25, 50), (50, 75), (75, 100))] + [
+        (f"validation[{3 * i}:{3 * i + 3}]", "val") for i in range(4)]
+
+    mixture = config.base_config()
+    mixture.model.vocab_size, mixture.model.context = 256, 8
+    mixture.data.update(cfg.data.to_dict(), data_dir=str(tmp_path / "mixture"))
+    mixture.data.sources = {"hashed": {"source": "tfds"},
+                            "named": {"source": "tfds", "tfds_val_split": "validation",
+                                      "tfds_max_docs": 0}}
+    manifest = pipeline.run(mixture, str(tmp_path / "store"), BEAM_2_WORKERS[1:])
+    assert manifest["sources"]["hashed"]["counts"]["read"] == 90
+    assert manifest["sources"]["named"]["counts"]["read"] == 112
+    for name, single in (("hashed", cfg), ("named", named)):
+        in_process = data.prepare(single).store.manifest["sources"]["tfds"]["splits"]
+        assert _without_files(manifest["sources"][name]["splits"]) == _without_files(in_process)
+    inputs = manifest["recipe"]["provenance"]["inputs"]
+    assert len(inputs["hashed"]) == 4 and len(inputs["named"]) == 8

@@ -2,8 +2,9 @@
 
 The graph, per named source (`data.sources`, or the one `data.source`):
 
-    read documents (file sources fan out over files; parquet files and Hugging Face splits
-      over their own shards; other record sources are read once, in order, and routed)
+    read documents (file sources fan out over files; parquet files, TFDS splits and Hugging
+      Face splits over their own shards; other record sources are read once, in order, and
+      routed)
       -> exact dedup -> fuzzy dedup (MinHash LSH) -> quality filter     (each switchable)
       -> tokenize (every document + eot) -> chunks of DOCS_PER_CHUNK consecutive documents
     all sources: chunk sizes -> offsets (side input) -> pieces of fixed-size shards
@@ -164,11 +165,11 @@ def _read_file(item: tuple[int, str, str]) -> Iterator[tuple[str, str]]:
 
 def _read_shard(shard: dict[str, Any], spec: ml_collections.ConfigDict
                 ) -> Iterator[tuple[str, str]]:
-    """One shard (parquet file) of a record source: each record once, routed by its key."""
-    key = sources.split_key(spec)
-    for index, text in sources.read_shard(spec, shard):
+    """One shard (a parquet or TFDS file) of a record source: each record once, routed by
+    its shard or its key."""
+    for index, split, text in sources.shard_records(spec, shard):
         if text:
-            yield _doc_key(index, sources.record_split(key, index, spec.val_fraction)), text
+            yield _doc_key(index, split), text
 
 
 def _read_routed(_: Any, spec: ml_collections.ConfigDict) -> Iterator[tuple[str, str]]:
@@ -309,7 +310,7 @@ def build(p: beam.Pipeline, cfg: ml_collections.ConfigDict, output: str, tok: To
         elif source.routed is not None:  # one sequence: read once, not once per split
             docs = (p | f"{name}: sequence" >> beam.Create([name])
                     | f"{name}: read" >> beam.FlatMap(_read_routed, spec=spec))
-        else:  # TFDS with a validation split of its own: each split read once
+        else:  # a source without shards or a routed sequence: each split read once
             docs = (p | f"{name}: splits" >> beam.Create(list(sources.SPLITS))
                     | f"{name}: read" >> beam.FlatMap(_read_records, spec=spec))
         stages[name] = ["read"]

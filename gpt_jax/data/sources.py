@@ -9,7 +9,8 @@ Sources (`data.source`, or one entry of `data.sources` per named source of a mix
   paths with `glob`, and `gs://` (any Beam filesystem) with Beam's file I/O
   (`FileSystems.match` on the launcher, `FileSystems.open` on the workers), so remote workers
   read the same files.
-- 'tfds': a TFDS text dataset (`data.tfds_*`).
+- 'tfds': a TFDS text dataset (`data.tfds_*`), read file after file (the split's TFDS file
+  instructions; the Beam pipeline reads each shard file on its own worker).
 - 'hf': a Hugging Face `datasets` dataset (`data.hf_*`): a builder name such as 'json' or
   'parquet' with local `data.hf_data_files`, or a hub name where a network exists; read in
   streaming mode, so nothing is copied into an Arrow cache first.
@@ -95,8 +96,9 @@ class Source:
     # file sources: (absolute path, split) of every document in order, so a distributed
     # reader can fan out over files; None for record sources
     files: list[tuple[str, str]] | None = None
-    # record sources read by their own shards (parquet files): JSON-able descriptors
-    # {file, first, rows} that `read_shard` reads, each record once; None: one sequence
+    # record sources read by their own shards (parquet files, TFDS shard files, `datasets`
+    # shards): JSON-able descriptors that `read_shard` reads, each record once; None: one
+    # sequence
     shards: list[dict[str, Any]] | None = None
     # what went in, for the manifest: each input file's path, size and checksum/generation
     inputs: list[dict[str, Any]] | None = None
@@ -282,44 +284,129 @@ def _feature(example: dict[str, Any], feature: str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def tfds_documents(name: str, split: str, feature: str, data_dir: str,
-                   max_docs: int) -> Iterator[str]:
-    """Texts of a TFDS split in the dataset's fixed order (at most `max_docs`, 0 = all)."""
+def _tfds_builder(name: str, data_dir: str) -> Any:
+    """The TFDS builder of `name` (a registered dataset, or one prepared in `data_dir` that
+    this process has no code for, as on a Beam worker); ConfigError naming the field."""
     import tensorflow_datasets as tfds  # heavy; only imported for TFDS sources
 
-    ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+    try:
+        return tfds.builder(name, data_dir=data_dir or None)
+    except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.tfds_name={name!r}: {str(e).strip().splitlines()[0]}") from None
+
+
+def _ordered_read_config() -> Any:
+    """Files one after another (TFDS interleaves 16 files in blocks of 16 by default, even
+    with shuffle_files=False): the order in which `tfds_shards` numbers the records."""
+    import tensorflow_datasets as tfds
+    return tfds.ReadConfig(interleave_cycle_length=1)
+
+
+def tfds_documents(name: str, split: str, feature: str, data_dir: str,
+                   max_docs: int) -> Iterator[str]:
+    """Texts of a TFDS split in the dataset's fixed order, its files one after another (at
+    most `max_docs`, 0 = all): one sequential read, what the in-process path tokenizes."""
+    import tensorflow_datasets as tfds
+
+    ds = _tfds_builder(name, data_dir).as_dataset(split=split, shuffle_files=False,
+                                                   read_config=_ordered_read_config())
     if max_docs:
         ds = ds.take(max_docs)
     for example in tfds.as_numpy(ds):
         yield _feature(example, feature)
 
 
+def tfds_shards(name: str, split: str, data_dir: str, max_docs: int,
+                route: str | None) -> list[dict[str, Any]] | None:
+    """One shard per file of the split's TFDS file instructions (its own shard files, in the
+    order `tfds_documents` reads them): {tfds_split: the absolute slice of its base split that
+    is exactly that file's part, first: index of its first record in the split, rows, route:
+    'train'/'val', or None to route by the record's hash, path}. With `max_docs` the first
+    max_docs records in that order, as `tfds_documents` takes them. None where the metadata
+    lists no splits (`tfds.testing.mock_data` serves records without files): one sequence."""
+    splits = _tfds_builder(name, data_dir).info.splits
+    if not list(splits.keys()):
+        return None
+    starts: dict[str, tuple[str, int]] = {}  # shard file -> (its split, its first record there)
+    for base in splits.keys():
+        first = 0
+        for fi in splits[base].file_instructions:
+            starts[fi.filename] = (base, first)
+            first += fi.examples_in_shard
+    try:
+        instructions = splits[split].file_instructions
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"split {split!r} of TFDS dataset {name!r}: "
+                          f"{str(e).strip().splitlines()[0]}") from None
+    shards, first = [], 0
+    for fi in instructions:
+        rows = min(fi.take, max_docs - first) if max_docs else fi.take
+        if max_docs and rows <= 0:
+            break
+        if rows > 0:
+            base, offset = starts[fi.filename]
+            start = offset + fi.skip
+            shards.append({"tfds_split": f"{base}[{start}:{start + rows}]", "first": first,
+                           "rows": rows, "route": route, "path": fi.filename})
+            first += rows
+    return shards
+
+
+def read_tfds_shard(d: ml_collections.ConfigDict, shard: dict[str, Any]
+                    ) -> Iterator[tuple[int, str]]:
+    """(index in the split, text) of one TFDS shard (`tfds_shards`): its records only."""
+    import tensorflow_datasets as tfds
+
+    ds = _tfds_builder(d.tfds_name, d.tfds_data_dir).as_dataset(
+        split=shard["tfds_split"], shuffle_files=False, read_config=_ordered_read_config())
+    n = 0
+    for n, example in enumerate(tfds.as_numpy(ds), 1):
+        yield shard["first"] + n - 1, _feature(example, d.tfds_text_feature)
+    if n != shard["rows"]:
+        raise RuntimeError(f"TFDS shard {shard['path']} gave {n} of its {shard['rows']} records")
+
+
+def tfds_split_key(d: ml_collections.ConfigDict) -> str:
+    """The key `record_split` hashes with a TFDS record's index (no validation split)."""
+    return f"{d.tfds_name}/{d.tfds_split}"
+
+
 def tfds_source(d: ml_collections.ConfigDict) -> Source:
-    """A TFDS text dataset; the tokenizer sample is the first training documents."""
+    """A TFDS text dataset, read by its own shard files (`tfds_shards`: each record once, N
+    workers read N shards) in the pipeline and as one sequence in-process, in the same order;
+    the tokenizer sample is the first training documents."""
     desc = {"source": "tfds", "name": d.tfds_name, "split": d.tfds_split,
             "val_split": d.tfds_val_split, "feature": d.tfds_text_feature,
-            "data_dir": d.tfds_data_dir, "max_docs": d.tfds_max_docs}
+            "data_dir": d.tfds_data_dir, "max_docs": d.tfds_max_docs,
+            "order": "files in turn"}  # not TFDS's default interleave: older caches differ
 
     def split_docs(split: str) -> Iterator[str]:
         return tfds_documents(d.tfds_name, split, d.tfds_text_feature, d.tfds_data_dir,
                               d.tfds_max_docs)
 
+    named = (("train", d.tfds_split), ("val", d.tfds_val_split)) if d.tfds_val_split else \
+        ((None, d.tfds_split),)
+    listed = [tfds_shards(d.tfds_name, name, d.tfds_data_dir, d.tfds_max_docs, route=route)
+              for route, name in named]
+    shards = None if None in listed else [s for part in listed for s in part or []]
+    inputs = None if shards is None else [
+        file_record(path) for path in dict.fromkeys(s["path"] for s in shards)]
     if d.tfds_val_split:
         def docs(split: str) -> Iterator[str]:
             return split_docs(d.tfds_split if split == "train" else d.tfds_val_split)
-    else:
-        desc["val_fraction"] = d.val_fraction
 
-        def routed() -> Iterator[tuple[int, str, str]]:
-            # Indices, not texts, are hashed; 'train' and 'val' partition the split exactly
-            # (a split that comes out empty is caught by the context guard in `prepare`).
-            key = f"{d.tfds_name}/{d.tfds_split}"
-            for i, text in enumerate(split_docs(d.tfds_split)):
-                yield i, record_split(key, i, d.val_fraction), text
+        return Source(desc, docs, lambda max_chars: docs("train"), shards=shards,
+                      inputs=inputs)
+    desc["val_fraction"] = d.val_fraction
 
-        return _routed_source(desc, routed)
+    def routed() -> Iterator[tuple[int, str, str]]:
+        # Indices, not texts, are hashed; 'train' and 'val' partition the split exactly
+        # (a split that comes out empty is caught by the context guard in `prepare`).
+        key = tfds_split_key(d)
+        for i, text in enumerate(split_docs(d.tfds_split)):
+            yield i, record_split(key, i, d.val_fraction), text
 
-    return Source(desc, docs, lambda max_chars: docs("train"))
+    return _routed_source(desc, routed, shards=shards, inputs=inputs)
 
 
 def _routed_source(desc: dict[str, Any], routed: Callable[[], Iterator[tuple[int, str, str]]],
@@ -431,8 +518,10 @@ def parquet_shards(files: Sequence[str], max_docs: int) -> list[dict[str, Any]]:
 
 def read_shard(d: ml_collections.ConfigDict, shard: dict[str, Any]
                ) -> Iterator[tuple[int, str]]:
-    """(record index, text) of one shard of an 'hf' source: a parquet file or a shard of a
-    `datasets` split."""
+    """(record index, text) of one shard of a record source: a TFDS shard file, a parquet
+    file or a shard of a `datasets` split."""
+    if "tfds_split" in shard:
+        return read_tfds_shard(d, shard)
     if "file" in shard:
         return read_parquet_shard(shard, d.hf_text_field)
     return read_hf_shard(d, shard)
@@ -463,6 +552,16 @@ def split_key(d: ml_collections.ConfigDict) -> str:
     return f"{d.hf_path}/{d.hf_split}"
 
 
+def shard_records(d: ml_collections.ConfigDict, shard: dict[str, Any]
+                  ) -> Iterator[tuple[int, str, str]]:
+    """(record index, 'train' or 'val', text) of one shard of a record source: routed by the
+    shard (a TFDS split of its own) or by the hash of the record's index."""
+    route = shard.get("route")
+    key = tfds_split_key(d) if "tfds_split" in shard else split_key(d)
+    for index, text in read_shard(d, shard):
+        yield index, route or record_split(key, index, d.val_fraction), text
+
+
 def parquet_source(d: ml_collections.ConfigDict) -> Source:
     """Parquet files (`data.hf_path='parquet'`, `data.hf_data_files`: local, gs:// or
     hf://datasets/... globs; FineWeb, FineWeb-Edu and OpenWebText ship this layout), read
@@ -484,12 +583,10 @@ def parquet_source(d: ml_collections.ConfigDict) -> Source:
 def _sharded_docs(d: ml_collections.ConfigDict, shards: list[dict[str, Any]]
                   ) -> Callable[[str], Iterator[str]]:
     """docs(split) of a source read by shards: the shards in order, routed by record index."""
-    key = split_key(d)
-
     def docs(split: str) -> Iterator[str]:
         for shard in shards:
-            for index, text in read_shard(d, shard):
-                if record_split(key, index, d.val_fraction) == split:
+            for _, routed, text in shard_records(d, shard):
+                if routed == split:
                     yield text
     return docs
 
