@@ -691,6 +691,51 @@ def define_flags() -> None:
                         "print the top events.")
 
 
+def check_flags(f: Any) -> dict[str, Any]:
+    """The command line checked before anything is timed or compiled (a bad value raises
+    `cli.UsageError` naming the flag, a bad config field `ConfigError`); returns the
+    parsed list flags: {"contexts": (...), "prefetch_depths": (...)}."""
+    from gpt_jax import cli
+    from gpt_jax.config import validate
+
+    for name in ("repeats", "steps", "attn_batch", "host_batch"):
+        if f[name].value is not None and f[name].value < 1:
+            raise cli.UsageError(f"--{name}={f[name].value} must be >= 1")
+    if not f.input_seconds > 0:
+        raise cli.UsageError(f"--input_seconds={f.input_seconds:g} must be > 0")
+    parsed = {}
+    for name, text, low in (("contexts", f.contexts.split(","), 1),
+                            ("prefetch_depths", f.prefetch_depths, 0)):
+        try:
+            values = tuple(int(v) for v in text)
+        except ValueError:
+            values = ()
+        if not values or min(values) < low:
+            raise cli.UsageError(f"--{name}={','.join(text)}: must be comma-separated "
+                                 f"integers >= {low}")
+        parsed[name] = values
+    if f.mode in ("train", "compile") and f.config is None:
+        raise cli.UsageError(f"--mode={f.mode} needs --config (e.g. --config=experiments/tiny.py)")
+    if f.store:
+        if "://" in f.store:
+            if f.gcs_emulator:
+                raise cli.UsageError(f"--store={f.store}: --gcs_emulator uploads a local "
+                                     "store; this one is already remote")
+        else:
+            from gpt_jax.data.store import MANIFEST
+            cli.check_input_dir("--store", f.store)
+            if not os.path.isfile(os.path.join(f.store, MANIFEST)):
+                raise cli.UsageError(f"--store={f.store}: not a token store (no "
+                                     "manifest.json; python -m gpt_jax.prepare writes one)")
+    if f.json_out:
+        cli.check_output_file("--json_out", f.json_out)
+    if f.profile_dir:
+        cli.check_output_dir("--profile_dir", f.profile_dir)
+    if f.config is not None:
+        validate(f.config)
+    return parsed
+
+
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
@@ -698,14 +743,13 @@ def main(argv: list[str]) -> None:
     from gpt_jax import cli
     from gpt_jax.config import validate
 
-    cli.start()
     f = flags.FLAGS
+    parsed = check_flags(f)  # bad values fail before anything is timed or compiled
+    cli.start()
     if f.mode == "input":
         result = input_main(f)
         print(format_input(result))
     elif f.mode == "train":
-        if f.config is None:
-            raise flags.ValidationError("--config is required for --mode=train")
         result = run_train(validate(f.config), f.repeats, f.steps, sampler=f.sampler,
                            profile_dir=f.profile_dir)
         print(format_train(result))
@@ -719,7 +763,7 @@ def main(argv: list[str]) -> None:
         m = f.config.model if f.config is not None else ml_collections.ConfigDict(
             {"d_model": 768, "n_head": 12, "window": 256})
         result = run_attention(m.d_model, m.n_head, f.attn_batch, m.window,
-                               tuple(int(c) for c in f.contexts.split(",")), f.repeats)
+                               parsed["contexts"], f.repeats)
         print(format_attention(result))
     if f.json_out:
         with open(f.json_out, "w") as fh:
@@ -727,7 +771,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from gpt_jax import cli
 
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -215,6 +215,38 @@ def check_input_dir(flag: str, path: str) -> None:
     raise UsageError(f"{flag}={path}: {what}")
 
 
+def _existing_ancestor(path: str) -> str:
+    """The nearest part of the local `path` (itself included) that exists."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_file(flag: str, path: str) -> None:
+    """Raises UsageError naming `flag` and `path` unless a file can be written at the local
+    `path`: not a directory, and its folder exists (a gs:// path is checked when written)."""
+    if "://" in path:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}={path}: is a directory, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is a file" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"{flag}={path}: its folder {folder} {what}")
+
+
+def check_output_dir(flag: str, path: str) -> None:
+    """Raises UsageError naming `flag` and `path` when the local `path`, or the nearest of
+    its parents that exists, is not a directory (gs:// paths are checked when written)."""
+    if "://" in path:
+        return
+    found = _existing_ancestor(path)
+    if not os.path.isdir(found):
+        where = "" if found == os.path.abspath(path) else f" ({found})"
+        raise UsageError(f"{flag}={path}: is a file{where}, not a directory")
+
+
 def fail(message: str, status: int) -> None:
     """Prints one `error: ...` line and exits; skips orbax's atexit hooks, whose
     "cannot schedule new futures after interpreter shutdown" tracebacks would bury it."""

@@ -485,41 +485,56 @@ def define_flags() -> None:
                       "--table: the model.attention_impl values each case is compiled with.")
 
 
+def check_flags(f: Any) -> Topology | None:
+    """The command line checked before anything is compiled (a bad value raises
+    `cli.UsageError` naming the flag, a bad config field `ConfigError`): the slice, or
+    None for --table."""
+    from gpt_jax import cli
+    if not f.table_kernels or any(k not in KERNELS for k in f.table_kernels):
+        raise cli.UsageError(f"--table_kernels={','.join(f.table_kernels)}: each must be "
+                             f"one of {', '.join(KERNELS)}")
+    if f.table:
+        cli.check_output_file("--table", f.table)
+        return None
+    missing = [name for name in ("config", "topology") if f[name].value is None]
+    if missing:
+        raise cli.UsageError(f"{' and '.join(f'--{m}' for m in missing)} required (e.g. "
+                             "--config=experiments/gpt3.py:6.7b --topology=v5p-128), or "
+                             "--table=FILE")
+    try:
+        topo = parse_topology(f.topology)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    if topo.num_chips < 1:
+        raise cli.UsageError(f"--topology={f.topology}: needs at least 1 device")
+    config_lib.validate(f.config)
+    return topo
+
+
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
     f = flags.FLAGS
-    if f.table:
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    topo = check_flags(f)  # bad values fail before anything is compiled
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chips to lock
+    if topo is None:
         jax.config.update("jax_platforms", "cpu")  # compile-only TPU devices; run nothing
         write_table(f.table, kernels=tuple(f.table_kernels))
         return
-    if f.config is None or f.topology is None:
-        raise app_usage_error("--config and --topology are required (or --table)")
-    topo = parse_topology(f.topology)
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chips to lock
     if topo.chip is None:
         jax.config.update("jax_num_cpu_devices", topo.num_chips)
     jax.config.update("jax_platforms", "cpu")
     with tempfile.TemporaryDirectory() as dump_dir:
-        try:
-            report = compile_train_step(f.config, topo,
-                                        dump_dir=dump_dir if f.memory_breakdown else None)
-        except config_lib.ConfigError as e:
-            sys.exit(f"config error: {e}")
+        report = compile_train_step(f.config, topo,
+                                    dump_dir=dump_dir if f.memory_breakdown else None)
         print(format_report(report, f.config))
         if f.memory_breakdown:
             print(format_breakdown(memory_breakdown(dump_dir, f.memory_breakdown), report))
     if report.fits is False:
-        sys.exit(1)
-
-
-def app_usage_error(message: str) -> Exception:
-    from absl import app
-    return app.UsageError(message)
+        sys.exit(1)  # the report above says why and what to try
 
 
 if __name__ == "__main__":
-    from absl import app
+    from gpt_jax import cli
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -415,35 +415,70 @@ def define_flags() -> None:
                       "of plan.TABLE (e.g. 0,1); default all.")
 
 
+def check_flags(f: Any) -> Topology | None:
+    """The command line checked before anything is compiled (a bad value raises
+    `cli.UsageError` naming the flag, a bad config field `ConfigError`): the slice, or
+    None for --table."""
+    from gpt_jax import cli
+    for name, low in (("max_candidates", 1), ("workers", 1)):
+        if f[name].value < low:
+            raise cli.UsageError(f"--{name}={f[name].value} must be >= {low}")
+    if not f.budget_s > 0:
+        raise cli.UsageError(f"--budget_s={f.budget_s:g} must be > 0 (seconds)")
+    if not 0 <= f.headroom < 1:
+        raise cli.UsageError(f"--headroom={f.headroom:g} must be a fraction of HBM in [0, 1)")
+    if f.cache_dir:
+        cli.check_output_dir("--cache_dir", f.cache_dir)
+    if f.out:
+        cli.check_output_file("--out", f.out)
+    if f.table_cases is not None:
+        cases = f.table_cases
+        if not cases or not all(i.isdigit() and int(i) < len(TABLE) for i in cases):
+            raise cli.UsageError(f"--table_cases={','.join(cases)}: must be integers "
+                                 f"0-{len(TABLE) - 1}, the rows of plan.TABLE")
+    if f.table:
+        cli.check_output_file("--table", f.table)
+        return None
+    missing = [name for name in ("config", "topology") if f[name].value is None]
+    if missing:
+        raise cli.UsageError(f"{' and '.join(f'--{m}' for m in missing)} required (e.g. "
+                             "--config=experiments/gpt3.py:6.7b --topology=v5p-128), or "
+                             "--table=FILE")
+    try:
+        topo = parse_topology(f.topology)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    if topo.chip is None:
+        raise cli.UsageError(f"--topology={topo.name}: the plan ranks by a TPU chip's "
+                             "roofline; name a TPU slice (e.g. v5e-8)")
+    config_lib.validate(f.config)
+    return topo
+
+
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
     f = flags.FLAGS
+    topo = check_flags(f)  # bad values fail before anything is compiled
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chips to lock
     jax.config.update("jax_platforms", "cpu")  # compile-only TPU devices; run nothing
     kw = dict(budget_s=f.budget_s, max_candidates=f.max_candidates, workers=f.workers,
               headroom=f.headroom, cache_dir=f.cache_dir or None,
               log=lambda s: print(s, file=sys.stderr, flush=True))
-    if f.table:
+    if topo is None:
         cases = TABLE if f.table_cases is None else tuple(TABLE[int(i)] for i in f.table_cases)
         write_table(f.table, cases, **kw)
         return
-    if f.config is None or f.topology is None:
-        sys.exit("usage: python -m gpt_jax.plan --config=FILE[:ARG] --topology=SLICE")
-    try:
-        topo = parse_topology(f.topology)
-        p = plan(f.config, topo, **kw)
-    except (config_lib.ConfigError, ValueError) as e:
-        sys.exit(f"config error: {e}")
+    p = plan(f.config, topo, **kw)
     print(format_plan(p, f.config, topo))
     if f.out:
         with open(f.out, "w") as out:
             json.dump(plan_json(p, f.config, topo), out, indent=1)
     if not p.ranked:
-        sys.exit(1)
+        sys.exit(1)  # the table above says so: "No compiled layout fits"
 
 
 if __name__ == "__main__":
-    from absl import app
+    from gpt_jax import cli
     define_flags()
-    app.run(main)
+    cli.run(main)
