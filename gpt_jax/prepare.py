@@ -93,6 +93,7 @@ class _Unimportant(std_logging.Filter):
 
 
 def main(argv: list[str]) -> None:
+    cli.check_output_dir("--output", flags.FLAGS.output)  # a file there: before the pipeline
     from gpt_jax.data import pipeline  # needs the [data] extra (apache-beam, datasketch...)
     configure_storage()
     places = (("--output", flags.FLAGS.output), ("data.data_dir", flags.FLAGS.config.data.data_dir))
