@@ -5,10 +5,13 @@ Cases come from three sources, none of them written out by hand:
 - every `python -m gpt_jax.<command>` the README documents;
 - each command's own flags, read from its `--helpxml` (absl's machine-readable flag list:
   name, type, default): a wrong type for every typed flag, a negative number for every
-  number (but the few that may be negative), zero for the counts that must be >= 1, an
-  unknown enum value, and for the flags that name a file or a run directory: a missing
-  file, a directory where a file is expected, an empty file, a non-UTF-8 file, an
-  unreadable one (a socket: root reads any mode-000 file), a config that does not parse;
+  number (but the few that may be negative), zero for the numbers that must be above 0,
+  a value past 1 for a fraction, an unknown enum value, a value that does not parse for
+  the string flags that are parsed (a TPU slice, lists of integers or kernels), and for
+  the flags that name a file or a directory: a missing file, a directory where a file is
+  expected, an empty file, a non-UTF-8 file, an unreadable one (a socket: root reads any
+  mode-000 file), a config that does not parse; a file where a directory is to be
+  written, a directory where a file is;
 - `config.base_config()`: for every numeric field a wrong type and a negative value, for
   probabilities and fractions a value past 1, for every choice an unknown one, and
   unknown fields.
@@ -41,16 +44,24 @@ from conftest import REPO, record_fault, tiny_config
 
 PER_CASE_S = 20  # a case that is not refused within this runs on: a failure, not a hang
 
-# Flags that may be negative, and counts that must be >= 1 (the rest: >= 0).
+# Flags that may be negative, and numbers that must be above 0 (the rest: >= 0).
 NEGATIVE_OK = {"seed", "length_penalty"}
 AT_LEAST_ONE = {"num_samples", "max_new_tokens", "batch_size", "num_beams", "stream_chunk",
-                "num_processes"}
-# Run directories that are read (must exist and be a directory) and files that are read.
-INPUT_DIRS = {"workdir", "init_from", "from_hf", "workdirs"}
+                "num_processes", "repeats", "steps", "attn_batch", "host_batch", "workers",
+                "max_candidates", "input_seconds", "budget_s"}
+FLAG_FRACTIONS = {"headroom"}  # a value past 1 is refused
+# String flags that are parsed: a value that does not parse.
+PARSED = {"topology": "no_such_slice", "contexts": "seven", "prefetch_depths": "seven",
+          "table_cases": "seven", "table_kernels": "no_such_kernel"}
+# Directories that are read (must exist and be a directory) and files that are read.
+INPUT_DIRS = {"workdir", "init_from", "from_hf", "workdirs", "store"}
 INPUT_FILES = {"config", "prompt_file", "tasks"}
 WRITTEN_DIRS = {("train", "workdir"), ("finetune", "workdir"), ("rlhf.sft", "workdir"),
                 ("rlhf.reward", "workdir"), ("rlhf.ppo", "workdir"),
-                ("convert", "workdir"), ("prepare", "output")}
+                ("convert", "workdir"), ("prepare", "output"), ("bench", "profile_dir"),
+                ("plan", "cache_dir")}
+WRITTEN_FILES = {("bench", "json_out"), ("compile", "table"), ("plan", "out"),
+                 ("plan", "table")}  # a directory where the file goes
 EXCLUSIVE = {"convert": ("from_hf", "to_hf")}  # flags that exclude each other
 # Config fields that may be negative (seeds; mesh.data's -1 means all other devices).
 FIELD_NEGATIVE_OK = {"seed", "data.seed", "mesh.data"}
@@ -59,16 +70,6 @@ FRACTIONS = ("model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop", "optim
              "data.dedup.threshold", "train.sample_top_p")
 CHOICES = ("model.norm", "model.attention_pattern", "model.dtype", "model.remat",
            "model.attention_impl", "optim.schedule", "data.source", "data.tokenizer")
-
-
-# Documented commands still on absl's app.run rather than cli.run: a bad value there is
-# absl's two-line FATAL, a traceback, or (bench) a benchmark that starts. They are left out
-# of the table (issue 27 item 4 is not done for them); a new command must not join them.
-NOT_ON_CLI_RUN = {"bench", "compile", "plan"}
-# Commands whose cases run and are printed, but may still fail (gpt_jax/prepare.py and
-# gpt_jax/data/ belong to the data work): Beam's import prints "WARNING:root:apitools not
-# found" before any line of ours, and an --output that is a file exits 1.
-KNOWN_FAILING = {"prepare"}
 
 
 def documented_commands() -> list[str]:
@@ -186,6 +187,9 @@ def base_args(command: str, fx: dict[str, str]) -> dict[str, str]:
         "params": {"config": f"{x}/tiny.py"},
         "babygpt": {"config": f"{x}/babygpt.py"},
         "reference": {"names": "tiny", "root": "ref_root", "check": "true"},
+        "bench": {"config": f"{x}/tiny.py:char", "repeats": "1", "steps": "1"},
+        "compile": {"config": f"{x}/tiny.py:char", "topology": "cpu:2"},
+        "plan": {"config": f"{x}/tiny.py:char", "topology": "v5e-8", "cache_dir": "cache"},
     }[command]
 
 
@@ -220,10 +224,14 @@ def flag_cases(command: str, flags: list[dict], fx: dict[str, str]) -> list[tupl
                 out.append(({name: "-3"}, needle))
             if name in AT_LEAST_ONE:
                 out.append(({name: "0"}, needle))
+            if name in FLAG_FRACTIONS:
+                out.append(({name: "1.5"}, needle))
         elif kind == "bool":
             out.append(({name: "maybe"}, needle))
         elif kind.endswith("enum"):
             out.append(({name: "no_such_choice"}, needle))
+        if name in PARSED:
+            out.append(({name: PARSED[name]}, needle))
         if name in INPUT_FILES:
             for bad in ("missing", "directory", "empty", "not_utf8", "unreadable"):
                 out.append(({name: fx[bad]}, fx[bad]))
@@ -234,6 +242,8 @@ def flag_cases(command: str, flags: list[dict], fx: dict[str, str]) -> list[tupl
                 out.append(({name: fx[bad]}, fx[bad]))
         if (command, name) in WRITTEN_DIRS:
             out.append(({name: fx["empty"]}, fx["empty"]))  # a file where a directory goes
+        if (command, name) in WRITTEN_FILES:
+            out.append(({name: fx["directory"]}, fx["directory"]))
     out.append(({"no_such_flag": "1"}, "--no_such_flag"))
     return [(with_base(base, values, EXCLUSIVE.get(command, ())), needle)
             for values, needle in out]
@@ -313,9 +323,9 @@ def test_every_bad_input_is_one_line(tmp_path):
     documented = documented_commands()
     assert {"train", "sample", "evaluate", "finetune", "prepare", "convert"} <= set(documented)
     module = {c: os.path.join(REPO, "gpt_jax", *c.split(".")) + ".py" for c in documented}
-    not_yet = sorted(c for c in documented if "cli.run(" not in open(module[c]).read())
-    assert set(not_yet) <= NOT_ON_CLI_RUN, f"new commands not on cli.run: {not_yet}"
-    commands = [c for c in documented if c not in not_yet]
+    off = sorted(c for c in documented if "cli.run(" not in open(module[c]).read())
+    assert not off, f"documented commands not on cli.run: {off}"
+    commands = documented
     specs = flag_specs(commands, scratch)
     table = [(c, values, needle) for c in commands for values, needle in
              flag_cases(c, specs[c], fx)]
@@ -332,24 +342,19 @@ def test_every_bad_input_is_one_line(tmp_path):
     tic = time.perf_counter()
     results = run_driver(cases, scratch)
     seconds = time.perf_counter() - tic
-    failures, known = [], []
+    failures = []
     for (command, _, needle), case, result in zip(table, cases, results):
         problems = check(case, result, needle)
         if problems:
-            (known if command in KNOWN_FAILING else failures).append(
-                f"{command} {' '.join(case['args'])}: {'; '.join(problems)}: "
-                f"{result['stderr'].strip()[-300:]!r}")
+            failures.append(f"{command} {' '.join(case['args'])}: {'; '.join(problems)}: "
+                            f"{result['stderr'].strip()[-300:]!r}")
     changed = {p for p, v in snapshot(str(tmp_path / "fx")).items() if before.get(p) != v}
     print(f"\nfuzz: {len(table)} bad inputs over {len(commands)} commands in {seconds:.0f} s "
-          f"({len(failures)} failed; known failing, not counted: {len(known)}; not yet in "
-          f"the table (not on cli.run): {not_yet})", *known, sep="\n")
+          f"({len(failures)} failed)")
     assert not changed, sorted(changed)
     assert not failures, f"{len(failures)} of {len(table)} cases:\n" + "\n".join(failures)
-    record_fault(f"bad-input fuzz: {len(table)} generated bad values over the "
-                 f"{len(commands)} documented commands on `cli.run` (`test_fuzz`; "
-                 f"{', '.join(f'`{c}`' for c in not_yet)} are not in it yet, "
-                 f"{'/'.join(f'`{c}`' for c in sorted(KNOWN_FAILING))}'s {len(known)} cases "
-                 "still fail: Beam prints a warning line first)",
+    record_fault(f"bad-input fuzz: {len(table)} generated bad values over all "
+                 f"{len(commands)} documented commands (`test_fuzz`)",
                  "exit 2, one line naming the flag, field or file, no traceback, nothing "
                  "created", "passed")
 
