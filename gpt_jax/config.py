@@ -109,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
     # After the last step: score every token of the validation split and set the model's
     # bits per byte beside gzip -9 and xz -9 on the same files (train.py).
     t.final_full_eval = False
+    # Its windows start every full_eval_stride tokens (0: model.context, no overlap); a
+    # shorter stride gives every scored token at least context - stride tokens before it.
+    t.full_eval_stride = 0
 
     cfg.data = d = ml_collections.ConfigDict()
     d.source = "stdlib"
@@ -239,6 +242,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = _get(cfg, field)
         if not isinstance(value, int) or value < 1:
             _fail(field, value, "must be a positive integer")
+    stride = t.get("full_eval_stride", 0)
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride <= m.context:
+        _fail("train.full_eval_stride", stride,
+              f"must be an integer from 0 (model.context) to model.context={m.context}")
     saves = t.get("max_failed_saves", 3)
     if not isinstance(saves, int) or isinstance(saves, bool) or saves < 1:
         _fail("train.max_failed_saves", saves, "must be a positive integer")

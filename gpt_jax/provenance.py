@@ -59,7 +59,7 @@ OPERATIONAL = frozenset({
     "train.eval_at_start", "train.sample_tokens", "train.sample_prompt",
     "train.sample_temperature", "train.sample_top_p", "train.lease_timeout_s",
     "train.storage_retry_budget_s", "train.max_failed_saves",
-    "train.final_full_eval",
+    "train.final_full_eval", "train.full_eval_stride",
     "data.prefetch", "data.num_workers", "data.data_dir", "data.token_dir", "data.store",
     "model.attention_impl", "model.remat", "model.splash_block_q", "model.splash_block_kv"})
 OPERATIONAL_PREFIXES = ("mesh.",)

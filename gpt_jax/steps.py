@@ -96,17 +96,18 @@ def global_norm(tree: Any) -> Array:
 
 
 def make_eval_step(model_cfg: ml_collections.ConfigDict) -> Callable:
-    """eval_step(params, windows_BxT1[, rows_B]) -> (summed loss, token count), dropout off.
-    `rows_B` (0 or 1 per window) leaves padding windows out of both sums, so a whole split
-    can be scored in batches of one shape."""
+    """eval_step(params, windows_BxT1[, weights]) -> (summed loss, token count), dropout off.
+    `weights` (0 or 1) is `rows_B`, one per window, leaving padding windows out of both sums
+    so a whole split can be scored in batches of one shape, or `mask_BxT`, one per target,
+    so overlapping windows score each token once (`train.full_split_loss`)."""
     net = model_lib.GPT(model_cfg)
 
     def eval_step(params: Any, windows_BxT1: Array,
-                  rows_B: Array | None = None) -> tuple[Array, Array]:
+                  weights: Array | None = None) -> tuple[Array, Array]:
         logits = net.apply({"params": params}, windows_BxT1[:, :-1])
         targets_BxT = windows_BxT1[:, 1:]
-        mask_BxT = None if rows_B is None else jnp.broadcast_to(rows_B[:, None],
-                                                                 targets_BxT.shape)
+        mask_BxT = (None if weights is None else weights if weights.ndim == 2 else
+                    jnp.broadcast_to(weights[:, None], targets_BxT.shape))
         return cross_entropy(logits, targets_BxT, mask_BxT)
 
     return eval_step
@@ -122,9 +123,9 @@ def jit_eval_step(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     eval_step = make_eval_step(model_cfg)
 
     def bound(params: Any, windows_BxT1: Array,
-              rows_B: Array | None = None) -> tuple[Array, Array]:
+              weights: Array | None = None) -> tuple[Array, Array]:
         with sharding.activation_sharding(mesh):
-            return eval_step(params, windows_BxT1, rows_B)
+            return eval_step(params, windows_BxT1, weights)
 
     repl = sharding.replicated(mesh)
     pinned = ({} if param_shardings is None else

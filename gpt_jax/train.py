@@ -71,18 +71,29 @@ def make_evaluate(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def full_split_loss(eval_step: Any, params: Any, tokens: Any, *, batch: int, context: int,
-                    mesh: jax.sharding.Mesh) -> tuple[float, float]:
-    """(summed loss in nats, tokens scored) over every window of a split, each once: all its
-    tokens but the last < context. The last batch is padded with window 0, masked out."""
-    n = data_lib.num_windows(len(tokens), context)
+                    mesh: jax.sharding.Mesh, stride: int = 0) -> tuple[float, float]:
+    """(summed loss in nats, tokens scored) over a whole split, every target once but the
+    last few (< stride) that no whole window reaches.
+
+    Windows of context + 1 tokens start every `stride` tokens (0: `context`, windows that
+    share only their boundary). With a shorter stride they overlap: the first window scores
+    all its targets, each later one only its last `stride`, so every scored token sees at
+    least context - stride tokens before it (the sliding-window perplexity of Press et al.
+    2021, "Shortformer", and HF's perplexity guide) instead of 0 to context - 1. The last
+    batch is padded with window 0, masked out."""
+    stride = stride or context
+    n = (len(tokens) - 1 - context) // stride + 1 if len(tokens) > context else 0
     lo, hi = loop.host_rows(batch)
+    late_T = (np.arange(context) >= context - stride).astype(np.float32)
     total, count = 0.0, 0.0
     for start in range(0, n, batch):
         ids = np.arange(start, start + batch, dtype=np.int64)
-        rows = (ids < n).astype(np.float32)
-        local = data_lib.gather_windows(tokens, np.where(ids < n, ids, 0)[lo:hi], context)
+        mask_BxT = np.where((ids == 0)[:, None], 1.0, late_T[None, :]).astype(np.float32)
+        mask_BxT *= (ids < n)[:, None]
+        local = data_lib.gather_windows(tokens, np.where(ids < n, ids, 0)[lo:hi], context,
+                                        stride)
         s, c = eval_step(params, sharding.host_local_to_global(local, mesh),
-                         sharding.host_local_to_global(rows[lo:hi], mesh))
+                         sharding.host_local_to_global(mask_BxT[lo:hi], mesh))
         total, count = total + float(s), count + float(c)
     return total, count
 
@@ -95,7 +106,7 @@ def validation_against_compressors(cfg: ml_collections.ConfigDict, mesh: jax.sha
     total, count = full_split_loss(
         steps.jit_eval_step(cfg.model, mesh), params, tokens,
         batch=cfg.train.batch_size // cfg.train.microbatches, context=cfg.model.context,
-        mesh=mesh)
+        mesh=mesh, stride=cfg.train.get("full_eval_stride", 0))
     out: dict[str, Any] = {"val_bpb": total / math.log(2) / (count *
                                                              corpus.bytes_per_token("val"))}
     source = data_lib.make_source(cfg)

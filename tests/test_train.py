@@ -162,3 +162,38 @@ def test_bad_config_fails_fast(tmp_path, bad, message):
     field, value = bad.split("=")
     out = run_python(train_args(tmp_path / "run", tmp_path / "data", **{field: value}))
     assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stride", [0, 16, 5, 1])
+def test_full_split_loss_scores_every_target_once(stride):
+    """Overlapping windows (`train.full_eval_stride`) score each validation target exactly
+    once, whatever the batch padding; a real model's loss is the same for any batch size,
+    and with the whole context behind every late token it is lower than without overlap."""
+    from gpt_jax import sharding, steps, train
+    from gpt_jax.config import base_config
+
+    cfg = base_config()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    tokens = np.random.default_rng(0).integers(1, 50, 203).astype(np.int32)
+    context = 16
+
+    def ids_scored(params, windows_BxT1, mask_BxT):  # "loss" = sum of target ids scored
+        return (windows_BxT1[:, 1:] * mask_BxT).sum(), mask_BxT.sum()
+
+    total, count = train.full_split_loss(ids_scored, None, tokens, batch=3, context=context,
+                                         mesh=mesh, stride=stride)
+    s = stride or context
+    scored = context + (len(tokens) - 1 - context) // s * s  # targets 1..scored
+    assert count == scored and len(tokens) - 1 - scored < s
+    assert total == tokens[1:scored + 1].sum()
+
+    cfg.model.update(vocab_size=64, context=context, n_layer=1, n_head=2, d_model=16, d_ff=32)
+    params = model.init_params(cfg.model, jax.random.key(0))
+    step = steps.jit_eval_step(cfg.model, mesh)
+    with sharding.activation_sharding(mesh):
+        a = train.full_split_loss(step, params, tokens, batch=3, context=context, mesh=mesh,
+                                  stride=stride)
+        b = train.full_split_loss(step, params, tokens, batch=8, context=context, mesh=mesh,
+                                  stride=stride)
+    assert a[1] == b[1] == scored
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5)

@@ -59,12 +59,15 @@ def window_ids(n_windows: int, seed: int, start: int, count: int,
     return out
 
 
-def gather_windows(tokens: Tokens, ids: np.ndarray, context: int) -> np.ndarray:
-    """int32 array [len(ids), context + 1]: window i is tokens[i*context : i*context+context+1]."""
+def gather_windows(tokens: Tokens, ids: np.ndarray, context: int,
+                   stride: int | None = None) -> np.ndarray:
+    """int32 array [len(ids), context + 1]: window i is tokens[i*s : i*s + context + 1], s the
+    `stride` (default `context`: windows that share only their boundary token)."""
+    starts = ids * (stride or context)
     if isinstance(tokens, np.ndarray):
-        index = ids[:, None] * context + np.arange(context + 1, dtype=np.int64)[None, :]
+        index = starts[:, None] + np.arange(context + 1, dtype=np.int64)[None, :]
         return np.asarray(tokens[index], dtype=np.int32)
-    return tokens.windows(ids * context, context + 1).astype(np.int32)
+    return tokens.windows(starts, context + 1).astype(np.int32)
 
 
 def _local_rows(global_batch: int, process_index: int, process_count: int) -> int:
