@@ -131,8 +131,19 @@ def requirements(specs: dict[str, ml_collections.ConfigDict], quality: bool) -> 
     if any(spec.source == "hf" for spec in specs.values()):
         names.append("datasets")
     if any(spec.source == "tfds" for spec in specs.values()):
-        names += ["tensorflow-datasets", "tensorflow-cpu"]
+        names += ["tensorflow-datasets", _installed("tensorflow-cpu", "tensorflow")]
     return [f"{n}=={importlib.metadata.version(n.split('[')[0])}" for n in names]
+
+
+def _installed(*names: str) -> str:
+    """The first of these distributions that the launcher has (TensorFlow ships as either)."""
+    for name in names:
+        try:
+            importlib.metadata.version(name)
+            return name
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    raise ConfigError(f"none of {', '.join(names)} is installed; the workers would need it")
 
 
 def stage_files(specs: dict[str, ml_collections.ConfigDict], quality: bool, out_dir: str
