@@ -508,8 +508,8 @@ def test_tfds_is_read_by_its_shard_files_each_record_once(tmp_path):
     """A TFDS dataset of 4 shard files per split: 2 Beam workers read one file each in turn,
     each record once (the first `tfds_max_docs` cut inside the 4th file), to the store that
     the sequential in-process read writes (files in turn: 25 records a file is more than
-    TFDS's default interleave block of 16, which would mix them); routed by record hash, or by the dataset's own
-    validation split."""
+    TFDS's default interleave block of 16, which would mix them); routed by record hash, or
+    by the dataset's own validation split."""
     from gpt_jax.data import sources
 
     texts = _tfds_dataset(tmp_path / "tfds")
