@@ -305,11 +305,12 @@ def _ordered_read_config() -> Any:
 def tfds_documents(name: str, split: str, feature: str, data_dir: str,
                    max_docs: int) -> Iterator[str]:
     """Texts of a TFDS split in the dataset's fixed order, its files one after another (at
-    most `max_docs`, 0 = all): one sequential read, what the in-process path tokenizes."""
+    most `max_docs`, 0 = all): one sequential read, what the in-process path tokenizes.
+    `tfds.load`, so a registered dataset not yet on disk is downloaded and prepared first."""
     import tensorflow_datasets as tfds
 
-    ds = _tfds_builder(name, data_dir).as_dataset(split=split, shuffle_files=False,
-                                                   read_config=_ordered_read_config())
+    ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False,
+                   read_config=_ordered_read_config())
     if max_docs:
         ds = ds.take(max_docs)
     for example in tfds.as_numpy(ds):
@@ -323,7 +324,9 @@ def tfds_shards(name: str, split: str, data_dir: str, max_docs: int,
     is exactly that file's part, first: index of its first record in the split, rows, route:
     'train'/'val', or None to route by the record's hash, path}. With `max_docs` the first
     max_docs records in that order, as `tfds_documents` takes them. None where the metadata
-    lists no splits (`tfds.testing.mock_data` serves records without files): one sequence."""
+    lists no splits (a registered dataset not yet prepared, which `tfds_documents` downloads
+    and prepares; `tfds.testing.mock_data`, which serves records without files): then the
+    split is read as one sequence."""
     splits = _tfds_builder(name, data_dir).info.splits
     if not list(splits.keys()):
         return None
