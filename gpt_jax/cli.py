@@ -75,7 +75,6 @@ def start() -> None:
     f = flags.FLAGS
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-        logging.get_absl_handler().addFilter(_no_orbax_tracebacks)
     if "config" in f and f.config is not None:
         sharding.set_cpu_devices(f.config)
         if "train" in f.config:  # token reads before the loop (data.prepare) retry as long
@@ -169,11 +168,16 @@ def _remove_created() -> None:
             shutil.rmtree(top, ignore_errors=True)
 
 
-def _no_orbax_tracebacks(record: Any) -> bool:
+def _quiet_orbax(record: Any) -> bool:
     """Orbax logs a failed background save with its traceback; keep its one line, as the
-    loop raises the error itself, named, and that line should be the last thing printed."""
+    loop raises the error itself, named, and that line should be the last thing printed.
+    Its warning that a reader's checkpoint directory is read only is dropped: readers
+    (`sample`, `evaluate`, ...) open runs read-only on purpose (`workdir.open_run`)."""
     if "/orbax/" in record.pathname:
-        record.exc_info, record.exc_text = None, None
+        if "Given directory is read only" in record.getMessage():
+            return False
+        if not _show_tracebacks():
+            record.exc_info, record.exc_text = None, None
     return True
 
 
@@ -385,6 +389,7 @@ def run(main: Callable[[list[str]], None], errors: tuple[type[Exception], ...] =
         return f"{what} (GPT_JAX_TRACEBACK=1 shows where)", RUNTIME
 
     def guarded(argv: list[str]) -> None:
+        logging.get_absl_handler().addFilter(_quiet_orbax)  # every command, readers too
         try:
             main(argv)
         except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure one line

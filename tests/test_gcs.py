@@ -109,6 +109,7 @@ def test_tools_on_a_gs_workdir(runs, tmp_path):
                       "--max_new_tokens=8", "--save"], env=env, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "--- sample 0 ---\ndef " in out.stdout
+    assert "read only" not in out.stderr, out.stderr  # orbax's warning for a reader's open
     out = run_python(["-m", "gpt_jax.evaluate", f"--workdir={RUN}", "--lm_val",
                       "--lm_max_docs=2"], env=env, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
