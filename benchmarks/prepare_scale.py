@@ -4,7 +4,7 @@ multi-processing DirectRunner over a synthetic web-text corpus of parquet files.
     python benchmarks/prepare_scale.py gen --out /tmp/prepare_scale --bytes 1.1e9
     python benchmarks/prepare_scale.py spm --out /tmp/prepare_scale            # the library
     python benchmarks/prepare_scale.py run --out /tmp/prepare_scale --recipe tokenize
-    python benchmarks/prepare_scale.py run --out /tmp/prepare_scale --recipe gpt3 --files 4
+    python benchmarks/prepare_scale.py run --out /tmp/prepare_scale --recipe gpt3 --files 1
 
 `gen` writes, deterministically (seeded; from this interpreter's standard library):
 - `web/NNN.parquet`: FineWeb's `text` and `id` columns, files of ~32 MB. Each document is

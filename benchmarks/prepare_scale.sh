@@ -6,7 +6,7 @@
 #   3. GPT-3's recipe (exact + MinHash fuzzy dedup + quality filter) on GPT3_SLICES web files
 #      (default 3: 100.7 MB), one 33.5 MB file per run: the fuzzy dedup's band elements are
 #      ~35x the text, and the DirectRunner holds a stage's output in its one runner process,
-#      so one file peaks at ~9 GB of RSS here (a run of 4 files passed 13 GB within a minute
+#      so one file peaks at ~9 GB of RSS here (a run of 3 files passed 13 GB within a minute
 #      and was stopped; docs/data_cost.md).
 # Each run prints one JSON line (benchmarks/README.md "Preparing at scale" reads them).
 #
