@@ -108,9 +108,49 @@ def test_fuzzy_dedup_beam_matches_in_memory(corpus):
                 if c.key.metric.namespace == dedup.NAMESPACE}
     assert counters["fuzzy_docs_in"] == len(docs)
     assert counters["fuzzy_duplicates"] == len(expected_dups)
+    # texts go back only to the candidate buckets: each distinct member set of a band bucket
+    # of 2..max_bucket documents, once
+    buckets: dict[bytes, set] = {}
+    for key, text in docs.items():
+        sig = dedup.signature(dedup.shingles(text, 5), 10, 0)
+        for band in dedup.band_keys(sig, 10, 1):
+            buckets.setdefault(band, set()).add(key)
+    candidates = {frozenset(m) for m in buckets.values() if 2 <= len(m) <= 1000}
+    assert counters["fuzzy_candidate_texts"] == sum(len(m) for m in candidates)
+    assert counters["fuzzy_candidate_texts"] < len(docs)  # here: fewer than one per document
     recall, precision = recall_precision(set(docs) - {k for k, _ in kept}, planted)
     print(f"\nFuzzyDedup (Beam): recall {recall:.3f} precision {precision:.3f}")
     assert recall >= 0.9 and precision >= 0.95
+
+
+def test_fuzzy_dedup_shuffles_keys_not_shingles(corpus):
+    """The bands leave as (band key, doc key): their bytes per document do not grow with the
+    document, where (band key, (doc key, shingle set)) per band grew with shingles x bands
+    (34.7 bytes per byte of text on the web corpus of benchmarks/prepare_scale.py)."""
+    coder = beam.coders.FastPrimitivesCoder()  # what Beam encodes untyped elements with
+
+    def band_bytes(doc, **kw):
+        params = dict(ngram=5, num_perm=10, bands=10, rows=1, seed=0) | kw
+        out = dedup._to_bands(doc, **params)
+        assert len(out) == params["bands"]
+        assert all(isinstance(b, bytes) and len(b) == 2 + 8 * params["rows"] and k == doc[0]
+                   for b, k in out)
+        return sum(len(coder.encode(e)) for e in out)
+
+    key = f"{7:020d}:train"
+    short, long = " ".join(f"w{i}" for i in range(6)), " ".join(f"w{i}" for i in range(20_000))
+    assert band_bytes((key, short)) == band_bytes((key, long)) <= 10 * (2 + 8 + len(key) + 8)
+    assert band_bytes((key, short), num_perm=100, bands=20, rows=5) == band_bytes(
+        (key, long), num_perm=100, bands=20, rows=5) <= 20 * (2 + 40 + len(key) + 8)
+    docs, _ = corpus
+    text_bytes = sum(len(t.encode()) for t in docs.values())
+    new = sum(band_bytes(doc) for doc in docs.items())
+    old = sum(len(coder.encode((b, (k, frozenset(dedup.shingles(t, 5))))))
+              for k, t in docs.items()
+              for b in dedup.band_keys(dedup.signature(dedup.shingles(t, 5), 10, 0), 10, 1))
+    print(f"\nband elements per byte of text: {new / text_bytes:.2f} (shingle sets per band: "
+          f"{old / text_bytes:.1f})")
+    assert new < text_bytes and old > 20 * new
 
 
 def test_fuzzy_dedup_skips_large_buckets():

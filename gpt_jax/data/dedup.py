@@ -136,23 +136,60 @@ def find_duplicates(docs: dict[str, str], *, ngram: int = 5, num_perm: int = 10,
 
 
 # ------------------------------------------------------------------------------ Beam
+#
+# The shuffle carries keys, not shingles. Each document's signature is computed once, on the
+# worker that reads it, and its bands leave as (band key, doc key) only: 2 + 8 * rows bytes
+# and the key, whatever the document's length. A bucket of one document (almost all of
+# them) ends there. A bucket of 2..max_bucket documents names its members once, under the
+# sha1 of its sorted member keys (bands with the same members - a near-duplicate pair shares
+# most of its bands - collapse into one candidate bucket), and only those documents' texts
+# are joined back by doc key and sent to their candidate buckets, where the shingles are
+# rebuilt and the exact Jaccard checked as `find_duplicates` does. So a document costs the
+# shuffle its text twice (the candidate join and the final drop join) plus its band keys,
+# and a candidate document its text once more per distinct candidate bucket, instead of its
+# shingle set once per band (issue 28; docs/data_cost.md).
+
 
 def _to_bands(doc: tuple[str, str], ngram: int, num_perm: int, bands: int, rows: int,
-              seed: int) -> list[tuple[bytes, tuple[str, frozenset]]]:
+              seed: int) -> list[tuple[bytes, str]]:
+    """(doc_key, text) -> one (band key, doc_key) per band: keys only."""
     beam.metrics.Metrics.counter(NAMESPACE, "fuzzy_docs_in").inc()
     key, text = doc
-    sh = frozenset(shingles(text, ngram))
-    return [(b, (key, sh)) for b in band_keys(signature(sh, num_perm, seed), bands, rows)]
+    sig = signature(shingles(text, ngram), num_perm, seed)
+    return [(b, key) for b in band_keys(sig, bands, rows)]
 
 
-def _bucket_dups(bucket: tuple[bytes, Iterable], threshold: float,
-                 max_bucket: int | None) -> list[str]:
-    members = dict(bucket[1])  # a repeated doc_key counts once, as in `find_duplicates`
+def _candidate_bucket(bucket: tuple[bytes, Iterable[str]], max_bucket: int | None
+                      ) -> list[tuple[str, bytes]]:
+    """A band bucket -> (doc_key, candidate bucket id) per member, if it has 2..max_bucket
+    distinct members; the id is the sha1 of the sorted member keys (their repr: unambiguous
+    whatever characters a key holds)."""
+    members = sorted(set(bucket[1]))  # a repeated doc_key counts once, as in `find_duplicates`
     if len(members) < 2:
         return []
     if max_bucket is not None and len(members) > max_bucket:
         beam.metrics.Metrics.counter(NAMESPACE, "fuzzy_buckets_skipped").inc()
         return []
+    bucket_id = hashlib.sha1(repr(members).encode("utf-8")).digest()
+    return [(key, bucket_id) for key in members]
+
+
+def _to_candidates(joined: tuple[str, dict]) -> list[tuple[bytes, tuple[str, str]]]:
+    """A doc_key's texts and candidate buckets -> (bucket id, (doc_key, text)) per distinct
+    bucket (none for a document in no candidate bucket)."""
+    key, groups = joined
+    ids = set(groups["buckets"])
+    if not ids:
+        return []
+    texts = list(groups["docs"])
+    beam.metrics.Metrics.counter(NAMESPACE, "fuzzy_candidate_texts").inc(len(ids) * len(texts))
+    return [(i, (key, t)) for i in sorted(ids) for t in texts]
+
+
+def _bucket_dups(bucket: tuple[bytes, Iterable[tuple[str, str]]], ngram: int,
+                 threshold: float) -> list[str]:
+    """A candidate bucket's (doc_key, text) -> its duplicates, as `find_duplicates` rules."""
+    members = {key: frozenset(shingles(text, ngram)) for key, text in bucket[1]}
     return _bucket_duplicates(members.items(), threshold)
 
 
@@ -174,12 +211,14 @@ class FuzzyDedup(beam.PTransform):
 
     Defaults are GPT-3's 10 hashes (10 bands of 1 row). `threshold` is the exact shingle
     Jaccard similarity at or above which a pair is a duplicate (Spark's join threshold is
-    the distance, 1 - similarity). A bucket costs O(size^2) Jaccard computations and
-    holds every member's shingles in one worker's memory, and with r = 1 a boilerplate
-    shingle that is many documents' minimum makes one bucket of them all (and empty texts
-    share every bucket); buckets over `max_bucket` (None: no limit) are skipped and counted
-    in `fuzzy_buckets_skipped`. Their pairs are usually still found through another band,
-    otherwise kept: a bounded loss of recall instead of a quadratic straggler.
+    the distance, 1 - similarity). The bands shuffle only keys (see above); a candidate
+    bucket costs O(size^2) Jaccard computations and holds its members' texts and shingles
+    in one worker's memory, and with r = 1 a boilerplate shingle that is many documents'
+    minimum makes one bucket of them all (and empty texts share every bucket); buckets over
+    `max_bucket` (None: no limit) are skipped and counted in `fuzzy_buckets_skipped`. Their
+    pairs are usually still found through another band, otherwise kept: a bounded loss of
+    recall instead of a quadratic straggler. The removed keys are those of
+    `find_duplicates` on the same documents and parameters.
     """
 
     def __init__(self, ngram: int = 5, num_perm: int = 10, bands: int = 10, rows: int = 1,
@@ -190,11 +229,16 @@ class FuzzyDedup(beam.PTransform):
         self.threshold, self.seed, self.max_bucket = threshold, seed, max_bucket
 
     def expand(self, docs: beam.PCollection) -> beam.PCollection:
-        dups = (docs
-                | "Bands" >> beam.FlatMap(_to_bands, self.ngram, self.num_perm, self.bands,
-                                          self.rows, self.seed)
-                | "GroupBuckets" >> beam.GroupByKey()
-                | "BucketDups" >> beam.FlatMap(_bucket_dups, self.threshold, self.max_bucket)
+        membership = (docs
+                      | "Bands" >> beam.FlatMap(_to_bands, self.ngram, self.num_perm,
+                                                self.bands, self.rows, self.seed)
+                      | "GroupBuckets" >> beam.GroupByKey()
+                      | "CandidateBuckets" >> beam.FlatMap(_candidate_bucket, self.max_bucket))
+        dups = ({"docs": docs, "buckets": membership}
+                | "JoinCandidates" >> beam.CoGroupByKey()
+                | "CandidateTexts" >> beam.FlatMap(_to_candidates)
+                | "GroupCandidates" >> beam.GroupByKey()
+                | "BucketDups" >> beam.FlatMap(_bucket_dups, self.ngram, self.threshold)
                 | "DistinctDups" >> beam.Distinct()
                 | "KeyDups" >> beam.Map(_with_none))
         return ({"docs": docs, "dups": dups}
