@@ -4,7 +4,8 @@ multi-processing DirectRunner over a synthetic web-text corpus of parquet files.
     python benchmarks/prepare_scale.py gen --out /tmp/prepare_scale --bytes 1.1e9
     python benchmarks/prepare_scale.py spm --out /tmp/prepare_scale            # the library
     python benchmarks/prepare_scale.py run --out /tmp/prepare_scale --recipe tokenize
-    python benchmarks/prepare_scale.py run --out /tmp/prepare_scale --recipe gpt3 --files 1
+    python benchmarks/prepare_scale.py run --out /tmp/prepare_scale --recipe gpt3
+    python benchmarks/prepare_scale.py shuffle --out /tmp/prepare_scale  # dedup shuffle bytes
 
 `gen` writes, deterministically (seeded; from this interpreter's standard library):
 - `web/NNN.parquet`: FineWeb's `text` and `id` columns, files of ~32 MB. Each document is
@@ -27,6 +28,10 @@ fuzzy dedup at its defaults, and the quality filter at alpha 9 trained on `books
 `web`), and prints one JSON line: documents/s and tokens/s of the whole run and per worker of
 the Beam phase (from `pipeline.build` to the manifest; the launcher's listing, tokenizer load
 and classifier training are timed apart), the funnel, peak RSS of the launcher+runner.
+
+`shuffle` counts the bytes each shuffle of the dedup stages carries per byte of text (the
+transforms' own element functions run in memory, encoded with Beam's coder), and those of
+the band elements before issue 28's fix.
 
 `spm` is the library's own throughput on the same documents and model: sentencepiece's batch
 `encode` (C++, `num_threads=1`) against `Tokenizer.encode_array` per document, one core.
@@ -285,6 +290,80 @@ def run(args: argparse.Namespace) -> None:
     }))
 
 
+def shuffle(args: argparse.Namespace) -> None:
+    """Bytes each shuffle of the GPT-3 recipe's dedup carries, per byte of text, on the web
+    files `run` would read: the elements `ExactDedup` and `FuzzyDedup` group, made by the
+    transforms' own functions and encoded with Beam's coder for untyped elements
+    (FastPrimitivesCoder, what the runner ships), the stages run in memory. `old_bands`: the
+    band elements of the design before issue 28's fix, (band key, (doc key, frozenset of
+    shingle strings)), on the first `--old-docs` documents."""
+    import apache_beam as beam
+
+    from gpt_jax.data import dedup
+
+    coder = beam.coders.FastPrimitivesCoder()
+
+    def size(element: object) -> int:
+        return len(coder.encode(element))
+
+    files = _web_files(args.out, args.skip + args.files)[args.skip:]
+    docs = [(f"{i:020d}:train", t) for i, t in enumerate(_texts(files))]
+    text_bytes, n_read = sum(len(t.encode("utf-8")) for _, t in docs), len(docs)
+    tic, cpu = time.perf_counter(), time.process_time()
+    sizes = dict.fromkeys(["exact", "bands", "join_candidates", "candidate_texts", "dups",
+                           "join_dups"], 0)
+    kept: dict[str, tuple[str, str]] = {}  # ExactDedup: the smallest doc key per exact key
+    for key, text in docs:
+        ek = dedup.exact_key(text)
+        sizes["exact"] += size((ek, ((key, text), 1)))  # one accumulator per key (lifted)
+        if ek not in kept or (key, text) < kept[ek]:
+            kept[ek] = (key, text)
+    docs = sorted(kept.values())
+    old_bands, old_text = 0, 0
+    buckets: dict[bytes, list[str]] = {}
+    for n, doc in enumerate(docs):
+        bands = dedup._to_bands(doc, 5, 10, 10, 1, 0)
+        sizes["bands"] += sum(size(e) for e in bands)
+        for band, key in bands:
+            buckets.setdefault(band, []).append(key)
+        if n < args.old_docs:
+            sh = frozenset(dedup.shingles(doc[1], 5))
+            old_bands += sum(size((band, (doc[0], sh))) for band, _ in bands)
+            old_text += len(doc[1].encode("utf-8"))
+    membership: dict[str, set[bytes]] = {}
+    for bucket in buckets.items():
+        for key, bucket_id in dedup._candidate_bucket(bucket, 1000):
+            membership.setdefault(key, set()).add(bucket_id)
+    texts = dict(dedup._pack(doc) for doc in docs)  # the joins ship zlib'd texts
+    groups: dict[bytes, list] = {}
+    for key, _ in docs:  # CoGroupByKey: both sides, each element tagged
+        sizes["join_candidates"] += size((key, (0, texts[key])))
+        for bucket_id in membership.get(key, ()):
+            sizes["join_candidates"] += size((key, (1, bucket_id)))
+    for key, ids in membership.items():
+        for bucket_id in ids:
+            sizes["candidate_texts"] += size((bucket_id, (key, texts[key])))
+            groups.setdefault(bucket_id, []).append((key, texts[key]))
+    dups = set()
+    for bucket in groups.items():
+        dups.update(dedup._bucket_dups(bucket, 5, 0.5))
+    sizes["dups"] = sum(size((key, None)) for key in dups)
+    sizes["join_dups"] = sum(size((key, (0, texts[key]))) for key, _ in docs) + sum(
+        size((key, (1, None))) for key in dups)
+    fuzzy = sum(v for k, v in sizes.items() if k != "exact")
+    print(json.dumps({
+        "files": len(files), "skip": args.skip, "documents": n_read,
+        "web_text_bytes": text_bytes, "after_exact": len(docs), "fuzzy_duplicates": len(dups),
+        "candidate_buckets": len(groups), "candidate_docs": len(membership),
+        "bytes": sizes, "per_text_byte": {k: round(v / text_bytes, 3) for k, v in sizes.items()},
+        "fuzzy_per_text_byte": round(fuzzy / text_bytes, 3),
+        "dedup_per_text_byte": round((fuzzy + sizes["exact"]) / text_bytes, 3),
+        "old_bands_per_text_byte": round(old_bands / max(old_text, 1), 2),
+        "old_docs": min(args.old_docs, len(docs)),
+        "seconds": round(time.perf_counter() - tic, 1),
+        "cpu_s": round(time.process_time() - cpu, 1)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -302,10 +381,15 @@ def main() -> None:
     r.add_argument("--files", type=int, default=0, help="first N web files (0: all)")
     r.add_argument("--skip", type=int, default=0, help="from web file N on")
     r.add_argument("--workers", type=int, default=2)
+    h = sub.add_parser("shuffle", help="bytes the dedup shuffles carry, per byte of text")
+    h.add_argument("--out", required=True)
+    h.add_argument("--files", type=int, default=0, help="first N web files (0: all)")
+    h.add_argument("--skip", type=int, default=0, help="from web file N on")
+    h.add_argument("--old-docs", type=int, default=1000)
     args = parser.parse_args()
     if args.cmd == "books":
         return books(args.out)
-    {"gen": gen, "spm": spm, "run": run}[args.cmd](args)
+    {"gen": gen, "spm": spm, "run": run, "shuffle": shuffle}[args.cmd](args)
 
 
 if __name__ == "__main__":  # Beam's worker processes must not rerun the command
