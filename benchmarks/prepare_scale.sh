@@ -4,7 +4,8 @@
 #   1. sentencepiece's own batch encode vs our per-document encode, one core;
 #   2. tokenize-only: the whole corpus through `pipeline.run`, DirectRunner, WORKERS processes;
 #   3. GPT-3's recipe (exact + MinHash fuzzy dedup + quality filter) on the first GPT3_FILES
-#      web files (default 0: all 33, the whole 1.1 GB) in one run;
+#      web files in one run (default 10: 335.6 MB, ~11 GB of RSS on the DirectRunner, which
+#      holds every shuffled collection in its runner process; 0: all 33, ~35 GB);
 #   4. the bytes the dedup's shuffles carry per byte of text on the same files, and those of
 #      the band elements before issue 28's fix (shingle sets per band: ~35x the text, which
 #      held a 33.6 MB file at ~10 GB of RSS on the DirectRunner; docs/data_cost.md).
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/prepare_scale}
 WORKERS=${2:-2}
-GPT3_FILES=${3:-0}
+GPT3_FILES=${3:-10}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 lscpu | grep -E "Model name|^CPU\(s\)"
 echo "load $(cut -d' ' -f1-3 /proc/loadavg)"
