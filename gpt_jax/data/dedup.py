@@ -140,16 +140,18 @@ def find_duplicates(docs: dict[str, str], *, ngram: int = 5, num_perm: int = 10,
 #
 # The shuffle carries keys, not shingles. Each document's signature is computed once, on the
 # worker that reads it, and its bands leave as (band key, doc key) only: 2 + 8 * rows bytes
-# and the key, whatever the document's length. A bucket of one document (almost all of
-# them) ends there. A bucket of 2..max_bucket documents names its members once, under the
-# sha1 of its sorted member keys (bands with the same members - a near-duplicate pair shares
-# most of its bands - collapse into one candidate bucket), and only those documents' texts
+# and the key, whatever the document's length. A bucket of one document ends there. A
+# bucket of 2..max_bucket documents names its members once, under the sha1 of its sorted
+# member keys (bands with the same members - a near-duplicate pair shares most of its
+# bands - collapse into one candidate bucket), and only those documents' texts
 # are joined back by doc key and sent to their candidate buckets, where the shingles are
 # rebuilt and the exact Jaccard checked as `find_duplicates` does. So a document costs the
 # shuffle its text twice (the candidate join and the final drop join) plus its band keys,
 # and a candidate document its text once more per distinct candidate bucket, instead of its
 # shingle set once per band (issue 28; docs/data_cost.md). The texts travel zlib'd (level
-# 1), unpacked where they are read: a few % of the CPU for ~2.6x fewer bytes.
+# 1), unpacked where they are read: a few % of the CPU for ~2.6x fewer bytes. With r = 1
+# (GPT-3's 10 hashes) on web-like text nearly every document shares some band with another,
+# so the candidate texts, at most one zlib'd copy per band, are most of what is shuffled.
 
 
 def _to_bands(doc: tuple[str, str], ngram: int, num_perm: int, bands: int, rows: int,
