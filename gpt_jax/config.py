@@ -106,12 +106,14 @@ def base_config() -> ml_collections.ConfigDict:
     t.sample_prompt = "def "
     t.sample_temperature = 0.8  # 0 = greedy
     t.sample_top_p = 0.95
+    t.sample_repetition_penalty = 1.0  # 1.0: off; CTRL's penalty (sample.SamplingConfig)
     # After the last step: score every token of the validation split and set the model's
     # bits per byte beside gzip -9 and xz -9 on the same files (train.py).
     t.final_full_eval = False
-    # Its windows start every full_eval_stride tokens (0: model.context, no overlap); a
-    # shorter stride gives every scored token at least context - stride tokens before it.
-    t.full_eval_stride = 0
+    # The fraction of model.context each of its windows re-reads from the one before (0: none;
+    # 0.5: windows every context/2 tokens), so every scored token has at least
+    # overlap * context tokens before it. A fraction, so it survives a context override.
+    t.full_eval_overlap = 0.0
 
     cfg.data = d = ml_collections.ConfigDict()
     d.source = "stdlib"
@@ -242,10 +244,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = _get(cfg, field)
         if not isinstance(value, int) or value < 1:
             _fail(field, value, "must be a positive integer")
-    stride = t.get("full_eval_stride", 0)
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride <= m.context:
-        _fail("train.full_eval_stride", stride,
-              f"must be an integer from 0 (model.context) to model.context={m.context}")
+    overlap = t.get("full_eval_overlap", 0.0)
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or \
+            not 0 <= overlap < 1:
+        _fail("train.full_eval_overlap", overlap, "must be in [0, 1) (0: windows do not overlap)")
     saves = t.get("max_failed_saves", 3)
     if not isinstance(saves, int) or isinstance(saves, bool) or saves < 1:
         _fail("train.max_failed_saves", saves, "must be a positive integer")
@@ -368,6 +370,7 @@ RANGES = {
     "mesh.dcn_data": (1, None, "must be >= 1"),
     "optim.batch_ramp_start_tokens": (1, None, "must be >= 1"),
     "train.sample_top_p": (0, 1, "must be in (0, 1]"),
+    "train.sample_repetition_penalty": (0, None, "must be > 0 (1.0: off)"),
 }
 MAY_BE_NEGATIVE = ("seed", "data.seed", "mesh.data")  # mesh.data: -1 = all other devices
 

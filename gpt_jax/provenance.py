@@ -57,9 +57,10 @@ CATEGORIES = ("config", "schedule", "tokenizer", "store", "code")
 OPERATIONAL = frozenset({
     "name", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep",
     "train.eval_at_start", "train.sample_tokens", "train.sample_prompt",
-    "train.sample_temperature", "train.sample_top_p", "train.lease_timeout_s",
+    "train.sample_temperature", "train.sample_top_p", "train.sample_repetition_penalty",
+    "train.lease_timeout_s",
     "train.storage_retry_budget_s", "train.max_failed_saves",
-    "train.final_full_eval", "train.full_eval_stride",
+    "train.final_full_eval", "train.full_eval_overlap",
     "data.prefetch", "data.num_workers", "data.data_dir", "data.token_dir", "data.store",
     "model.attention_impl", "model.remat", "model.splash_block_q", "model.splash_block_kv"})
 OPERATIONAL_PREFIXES = ("mesh.",)

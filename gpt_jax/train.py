@@ -98,6 +98,12 @@ def full_split_loss(eval_step: Any, params: Any, tokens: Any, *, batch: int, con
     return total, count
 
 
+def full_eval_stride(cfg: ml_collections.ConfigDict) -> int:
+    """Tokens between the starts of the final full evaluation's windows."""
+    context = cfg.model.context
+    return max(1, context - round(cfg.train.get("full_eval_overlap", 0.0) * context))
+
+
 def validation_against_compressors(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                    corpus: data_lib.Corpus, params: Any) -> dict[str, Any]:
     """The model's bits per byte over the whole validation split beside what gzip -9 and
@@ -106,7 +112,7 @@ def validation_against_compressors(cfg: ml_collections.ConfigDict, mesh: jax.sha
     total, count = full_split_loss(
         steps.jit_eval_step(cfg.model, mesh), params, tokens,
         batch=cfg.train.batch_size // cfg.train.microbatches, context=cfg.model.context,
-        mesh=mesh, stride=cfg.train.get("full_eval_stride", 0))
+        mesh=mesh, stride=full_eval_stride(cfg))
     out: dict[str, Any] = {"val_bpb": total / math.log(2) / (count *
                                                              corpus.bytes_per_token("val"))}
     source = data_lib.make_source(cfg)
@@ -145,14 +151,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             against = (f"; gzip -9 {final['gzip9_bpb']:.3f}, xz -9 {final['xz9_bpb']:.3f} "
                        f"on the same {final['val_docs']} files ({final['val_bytes']:,} bytes, "
                        "each compressed on its own)" if "xz9_bpb" in final else "")
-            print(f"validation, every token: {final['val_bpb']:.3f} bits per byte{against}")
+            stride = full_eval_stride(cfg)
+            print(f"validation, every token (windows every {stride} tokens): eval_bpb "
+                  f"{final['val_bpb']:.3f} bits per byte{against}")
     if not preempted and t.sample_tokens:  # every host computes, process 0 prints
-        how = sample.SamplingConfig(temperature=t.sample_temperature, top_p=t.sample_top_p)
+        how = sample.SamplingConfig(temperature=t.sample_temperature, top_p=t.sample_top_p,
+                                    repetition_penalty=t.get("sample_repetition_penalty", 1.0))
         text = sample.sample_text(cfg.model, params, corpus.tokenizer, t.sample_prompt,
                                   t.sample_tokens, how, seed=cfg.seed)
         if jax.process_index() == 0:
-            print(f"\n--- sample (temperature {how.temperature}, top-p {how.top_p}, seed "
-                  f"{cfg.seed}) ---\n{text}\n-----------------------")
+            penalty = (f", repetition penalty {how.repetition_penalty}"
+                       if how.repetition_penalty != 1.0 else "")
+            print(f"\n--- sample (temperature {how.temperature}, top-p {how.top_p}{penalty}, "
+                  f"seed {cfg.seed}) ---\n{text}\n-----------------------")
         final["sample"] = text
     return final
 

@@ -166,7 +166,7 @@ def test_bad_config_fails_fast(tmp_path, bad, message):
 
 @pytest.mark.parametrize("stride", [0, 16, 5, 1])
 def test_full_split_loss_scores_every_target_once(stride):
-    """Overlapping windows (`train.full_eval_stride`) score each validation target exactly
+    """Overlapping windows (`train.full_eval_overlap`) score each validation target exactly
     once, whatever the batch padding; a real model's loss is the same for any batch size,
     and with the whole context behind every late token it is lower than without overlap."""
     from gpt_jax import sharding, steps, train
