@@ -76,7 +76,8 @@ def test_kill_and_resume_is_exact(tmp_path):
     data = tmp_path / "data"
     straight = run_python(train_args(tmp_path / "straight", data))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    assert "--- sample (temperature 0.8, top-p 0.95, seed 0) ---" in straight.stdout
+    assert "--- sample (temperature 0.6, top-p 0.9, repetition penalty 1.3, seed 0) ---" \
+        in straight.stdout
 
     killed = run_python(["-c", KILL_AT_13] + train_args(tmp_path / "resumed", data)[2:])
     assert killed.returncode == -signal.SIGKILL
