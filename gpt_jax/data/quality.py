@@ -8,6 +8,7 @@ diversity. The paper used Spark's Tokenizer + HashingTF; here scikit-learn's
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import pickle
@@ -60,6 +61,16 @@ class QualityClassifier:
             return np.zeros(0)
         x = self.vectorizer.transform(list(texts))
         return self.model.predict_proba(x)[:, list(self.model.classes_).index(1)]
+
+    def __getstate__(self) -> dict:
+        """The pickled state, without what makes two pickles of one classifier differ:
+        scikit-learn caches `id(stop_words)` (a memory address) on the vectorizer once it
+        has transformed text, and a store must be byte-identical across launches."""
+        state = dict(self.__dict__)
+        vectorizer = copy.copy(self.vectorizer)
+        vectorizer.__dict__.pop("_stop_words_id", None)  # recomputed on the next transform
+        state["vectorizer"] = vectorizer
+        return state
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes pickle bytes to `path` (local or gs://), atomically."""
