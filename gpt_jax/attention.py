@@ -251,8 +251,12 @@ def _splash_kernel(heads: int, length: int, window: int | None, block_q: int, bl
                            block_q_dkv=block_q, block_kv_dkv=block_kv,
                            block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                            block_kv_dq=block_kv)
-    return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=blocks,
-                              head_shards=1, q_seq_shards=1, interpret=interpret)
+    # Built eagerly even when first asked for inside a trace: the kernel keeps its mask
+    # tables as arrays, and arrays made under one jit's trace would be that trace's
+    # tracers, which the next jit of the same shape (train step, then eval step) cannot use.
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=blocks,
+                                  head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_blocks(length: int, block_q: int, block_kv: int) -> tuple[int, int, int]:

@@ -35,6 +35,18 @@ def test_splash_matches_xla(t, window):
         np.testing.assert_allclose(a, b, atol=5e-5, err_msg=f"d{name}")
 
 
+def test_splash_kernel_serves_several_jits_of_one_shape():
+    """The kernel is cached per shape; one first built inside a jit's trace held that
+    trace's tracers, so the next jit of the shape (a train step, then an eval step) failed
+    with UnexpectedTracerError."""
+    q = jax.random.normal(jax.random.key(0), (1, 128, 2, 32))
+    kernel = attention.Kernel("splash", 128, 128)
+    f = lambda q: attention.causal(q, q, q, window=None, kernel=kernel)  # noqa: E731
+    once = jax.jit(f)(q)
+    np.testing.assert_array_equal(jax.jit(lambda q: f(q) * 2)(q), once * 2)
+    assert jax.jit(jax.grad(lambda q: f(q).sum()))(q).shape == q.shape
+
+
 def test_splash_blocks_pad_to_lanes():
     assert attention.splash_blocks(2048, 512, 512) == (512, 512, 2048)
     assert attention.splash_blocks(200, 512, 512) == (256, 256, 256)
