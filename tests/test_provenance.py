@@ -108,7 +108,7 @@ def test_edited_config_json_is_refused(base):
     out = run_python(train_args(workdir, base["data"]))
     line = refused(out, workdir, before)
     assert "config.json: optim.peak_lr was edited to 0.0003 after checkpoint 20, which was " \
-           "trained with 0.002" in line, line
+           "trained with 0.003" in line, line
     record_fault("a value in the workdir's `config.json` edited, then the run resumed"
                  " (`test_provenance`)",
                  "exit 2 before compute, one line naming config.json and the field; "
@@ -116,8 +116,10 @@ def test_edited_config_json_is_refused(base):
 
 
 @pytest.mark.parametrize("override,expect", [
-    ("optim.peak_lr=0.001", "optim.peak_lr changed from 0.002 to 0.001 since checkpoint 20, "
-                            "so the learning rate at step 20 would jump from"),
+    # tiny decays to 0 at its last step (20 here), where both rates are 0: the first
+    # trained step whose rate differs is named instead
+    ("optim.peak_lr=0.001", "optim.peak_lr changed from 0.003 to 0.001 since checkpoint 20, "
+                            "so the learning rate of trained step 1 would be"),
     ("optim.b2=0.99", "optim.b2 changed from 0.95 to 0.99 since checkpoint 20; add "
                       "--accept_changes=config"),
 ])
