@@ -485,6 +485,22 @@ def define_flags() -> None:
                       "--table: the model.attention_impl values each case is compiled with.")
 
 
+def required_slice(f: Any) -> Topology:
+    """The slice of --topology, once both --config and --topology are given (compile's and
+    plan's shared flags); `cli.UsageError` naming the missing or unparsable flag."""
+    from gpt_jax import cli
+    missing = [name for name in ("config", "topology") if f[name].value is None]
+    if missing:
+        raise cli.UsageError(f"{' and '.join(f'--{m}' for m in missing)} required (e.g. "
+                             "--config=experiments/gpt3.py:6.7b --topology=v5p-128), or "
+                             "--table=FILE")
+    try:
+        topo = parse_topology(f.topology)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    return topo
+
+
 def check_flags(f: Any) -> Topology | None:
     """The command line checked before anything is compiled (a bad value raises
     `cli.UsageError` naming the flag, a bad config field `ConfigError`): the slice, or
@@ -496,15 +512,7 @@ def check_flags(f: Any) -> Topology | None:
     if f.table:
         cli.check_output_file("--table", f.table)
         return None
-    missing = [name for name in ("config", "topology") if f[name].value is None]
-    if missing:
-        raise cli.UsageError(f"{' and '.join(f'--{m}' for m in missing)} required (e.g. "
-                             "--config=experiments/gpt3.py:6.7b --topology=v5p-128), or "
-                             "--table=FILE")
-    try:
-        topo = parse_topology(f.topology)
-    except ValueError as e:
-        raise cli.UsageError(str(e)) from None
+    topo = required_slice(f)
     if topo.num_chips < 1:
         raise cli.UsageError(f"--topology={f.topology}: needs at least 1 device")
     config_lib.validate(f.config)

@@ -439,15 +439,7 @@ def check_flags(f: Any) -> Topology | None:
     if f.table:
         cli.check_output_file("--table", f.table)
         return None
-    missing = [name for name in ("config", "topology") if f[name].value is None]
-    if missing:
-        raise cli.UsageError(f"{' and '.join(f'--{m}' for m in missing)} required (e.g. "
-                             "--config=experiments/gpt3.py:6.7b --topology=v5p-128), or "
-                             "--table=FILE")
-    try:
-        topo = parse_topology(f.topology)
-    except ValueError as e:
-        raise cli.UsageError(str(e)) from None
+    topo = compile_lib.required_slice(f)
     if topo.chip is None:
         raise cli.UsageError(f"--topology={topo.name}: the plan ranks by a TPU chip's "
                              "roofline; name a TPU slice (e.g. v5e-8)")
