@@ -25,6 +25,9 @@ continuation of len(target) tokens equals the target: the teacher-forced argmax 
 the target's perplexity. Generation (free-form answers, GPT-3's protocol) decodes the prompt
 with beam search (4 beams, length penalty 0.6 by default), cuts the answer at the first
 stop string and reports SQuAD's exact match and token F1 against the best of the answers.
+A task file with "adapter": "hellaswag" reads the official HellaSwag JSONL and reports
+llm.c's and lm-evaluation-harness's accuracies side by side (`gpt_jax.evaluation.hellaswag`).
+`--log_samples` writes every example's per-choice scores and picks next to --out.
 """
 
 from __future__ import annotations
@@ -53,11 +56,14 @@ from gpt_jax import data as data_lib
 from gpt_jax import model as model_lib
 from gpt_jax import sample as sample_lib
 from gpt_jax.config import ConfigError
+from gpt_jax.evaluation import hellaswag as hellaswag_lib
 from gpt_jax.tokenizer import Tokenizer
 from gpt_jax.workdir import REPORTS_DIR, Workdir, atomic_write_bytes, open_run
 
 MIN_BUCKET = 16
 TASK_TYPES = ("multiple_choice", "completion", "generation")
+# task files with a top-level "adapter": an official format, read by gpt_jax.evaluation
+FILE_ADAPTERS = ("hellaswag",)
 
 
 # ---------------------------------------------------------------- scoring
@@ -212,6 +218,7 @@ class TaskSpec:
     answer_context: str | None = None  # multiple choice: unconditional normalisation
     max_examples: int = 0  # 0 = all
     tfds: dict | None = None  # {"name", "split", "train_split", "adapter", "data_dir"}
+    adapter: str = ""  # `eval` is in this official format (FILE_ADAPTERS), not the schema
     # generation: beam search (GPT-3: 4 beams, length penalty 0.6) for up to max_new_tokens,
     # the answer cut at the first of `stop`
     max_new_tokens: int = 32
@@ -234,6 +241,20 @@ class TaskSpec:
                              "non-empty strings")
         if not self.eval and not self.tfds:
             raise ValueError(f"task {self.name!r}: needs 'eval' (a JSONL file) or 'tfds'")
+        if self.adapter:
+            self._check_adapter()
+
+    def _check_adapter(self) -> None:
+        where = f"task {self.name!r}: adapter={self.adapter!r}"
+        if self.adapter not in FILE_ADAPTERS:
+            raise ValueError(f"{where} is not one of {list(FILE_ADAPTERS)} (TFDS adapters go "
+                             "under 'tfds')")
+        if self.type != "multiple_choice" or not self.eval or self.tfds:
+            raise ValueError(f"{where} needs type 'multiple_choice' and an 'eval' file, "
+                             "no 'tfds'")
+        if self.train or self.description or self.answer_context is not None:
+            raise ValueError(f"{where} scores zero-shot with llm.c's and the harness's own "
+                             "prompts: 'train', 'description' and 'answer_context' do not apply")
 
 
 def check_example(example: dict, task_type: str, where: str) -> dict:
@@ -279,6 +300,9 @@ def load_task(path: str, limit: int = 0) -> tuple[TaskSpec, list[dict], list[dic
     if limit:
         spec.max_examples = min(spec.max_examples or limit, limit)
     base = os.path.dirname(os.path.abspath(path))
+    if spec.adapter:  # hellaswag: the official records, validated line by line
+        return spec, hellaswag_lib.read_records(os.path.join(base, spec.eval),
+                                                spec.max_examples), None
     if spec.tfds:
         t = spec.tfds
         evals = tfds_examples(t["name"], t.get("split", "validation"), t["adapter"],
@@ -368,24 +392,60 @@ def _flat_scores(scorer: Scorer, nested: list[list[Request]], desc: str) -> list
     return out
 
 
+def multiple_choice_picks(example: dict, scores: Sequence[Score],
+                          uncond: Sequence[Score] | None) -> dict[str, int]:
+    """The choice each metric picks: highest summed, per-token and per-byte log-likelihood
+    (and log-likelihood minus the unconditional one when `uncond` is given)."""
+    ll = np.array([s.logprob for s in scores])
+    ntok = np.array([s.num_tokens for s in scores])
+    nbytes = np.array([len(c.encode("utf-8")) for c in example["choices"]])
+    out = {"acc": int(np.argmax(ll)), "acc_per_token": int(np.argmax(ll / ntok)),
+           "acc_per_byte": int(np.argmax(ll / nbytes))}
+    if uncond is not None:
+        out["acc_uncond"] = int(np.argmax(ll - np.array([s.logprob for s in uncond])))
+    return out
+
+
 def multiple_choice_metrics(evals: list[dict], scores: list[list[Score]],
                             uncond: list[list[Score]] | None) -> dict:
     """Accuracy by summed, per-token and per-byte normalised log-likelihood (and
     unconditionally normalised when `uncond` is given)."""
-    hits: dict[str, list[bool]] = {"acc": [], "acc_per_token": [], "acc_per_byte": []}
-    if uncond is not None:
-        hits["acc_uncond"] = []
-    for i, (ex, ss) in enumerate(zip(evals, scores)):
-        ll = np.array([s.logprob for s in ss])
-        ntok = np.array([s.num_tokens for s in ss])
-        nbytes = np.array([len(c.encode("utf-8")) for c in ex["choices"]])
-        hits["acc"].append(int(np.argmax(ll)) == ex["label"])
-        hits["acc_per_token"].append(int(np.argmax(ll / ntok)) == ex["label"])
-        hits["acc_per_byte"].append(int(np.argmax(ll / nbytes)) == ex["label"])
-        if uncond is not None:
-            base = np.array([s.logprob for s in uncond[i]])
-            hits["acc_uncond"].append(int(np.argmax(ll - base)) == ex["label"])
-    return {name: float(np.mean(h)) for name, h in hits.items()}
+    picks = [multiple_choice_picks(ex, ss, None if uncond is None else uncond[i])
+             for i, (ex, ss) in enumerate(zip(evals, scores))]
+    return {name: float(np.mean([p[name] == ex["label"] for p, ex in zip(picks, evals)]))
+            for name in picks[0]}
+
+
+def _choice_sample(text: str, score: Score) -> dict:
+    return {"continuation": text, "logprob": score.logprob, "num_tokens": score.num_tokens,
+            "num_chars": len(text), "num_bytes": len(text.encode("utf-8")),
+            "greedy": score.greedy}
+
+
+def task_samples(spec: TaskSpec, evals: list[dict], scores: list[list[Score]] | None,
+                 uncond: list[list[Score]] | None, used: list[int],
+                 predictions: list[str] | None = None) -> list[dict]:
+    """`--log_samples` lines, one per example: the scored continuations with their summed
+    log-likelihood and token/character/byte counts, each metric's pick and the label (a
+    completion's target score; a generation's prediction and answers)."""
+    out = []
+    for i, ex in enumerate(evals):
+        line: dict[str, Any] = {"doc_id": i, "context": ex["context"], "shots_used": used[i]}
+        if spec.type == "multiple_choice":
+            line["choices"] = [_choice_sample(c, s) for c, s in zip(ex["choices"], scores[i])]
+            if uncond is not None:
+                for c, s in zip(line["choices"], uncond[i]):
+                    c["uncond_logprob"] = s.logprob
+            picks = multiple_choice_picks(ex, scores[i], None if uncond is None else uncond[i])
+            line.update(label=ex["label"], picks=picks,
+                        correct={m: j == ex["label"] for m, j in picks.items()})
+        elif spec.type == "completion":
+            line["target"] = _choice_sample(ex["target"], scores[i][0])
+        else:
+            line.update(prediction=predictions[i], answers=ex["answers"],
+                        **generation_metrics([predictions[i]], [ex]))
+        out.append(line)
+    return out
 
 
 def completion_metrics(scores: list[list[Score]]) -> dict:
@@ -448,9 +508,46 @@ def generate_answers(scorer: Scorer, tok: Tokenizer, spec: TaskSpec,
     return out
 
 
+def check_shots(spec: TaskSpec, shots: Sequence[int]) -> None:
+    """ConfigError unless the task can be evaluated with every K in `shots`."""
+    if spec.adapter and any(shots):
+        raise ConfigError(f"--shots={','.join(map(str, shots))}: task {spec.name!r} "
+                          f"(adapter {spec.adapter!r}) is zero-shot, as llm.c and the harness "
+                          "report it; use --shots=0")
+
+
+def evaluate_hellaswag(scorer: Scorer, tok: Tokenizer, spec: TaskSpec, records: list[dict],
+                       seed: int = 0, samples: bool = False) -> dict:
+    """The zero-shot report of official HellaSwag records in both conventions
+    (`gpt_jax.evaluation.hellaswag`), from one scoring pass."""
+    encoded = [hellaswag_lib.encode(tok, r) for r in records]
+    nested = [[Request(tuple(c), tuple(x)) for conv in hellaswag_lib.CONVENTIONS
+               for c, x in e[conv]] for e in encoded]
+    flat = _flat_scores(scorer, nested, f"{spec.name} 0-shot")
+    n = hellaswag_lib.NUM_ENDINGS
+    scores = [{conv: ss[j * n:(j + 1) * n] for j, conv in enumerate(hellaswag_lib.CONVENTIONS)}
+              for ss in flat]
+    chosen = [hellaswag_lib.picks(r, s) for r, s in zip(records, scores)]
+    report = {
+        "task": spec.name, "type": spec.type, "shots": 0, "shots_used_mean": 0.0,
+        "num_examples": len(records), "primary": hellaswag_lib.PRIMARY,
+        "metrics": hellaswag_lib.metrics(records, chosen),
+        "config": {"adapter": spec.adapter, "conventions": hellaswag_lib.SOURCES,
+                   "seed": seed, "context": scorer.model_cfg.context}}
+    if samples:
+        report["samples"] = [hellaswag_lib.sample(i, r, s, p) for i, (r, s, p)
+                             in enumerate(zip(records, scores, chosen))]
+    return report
+
+
 def evaluate_task(scorer: Scorer, tok: Tokenizer, spec: TaskSpec, evals: list[dict],
-                  train: list[dict] | None, shots: Sequence[int], seed: int = 0) -> list[dict]:
-    """One report per K in `shots`."""
+                  train: list[dict] | None, shots: Sequence[int], seed: int = 0,
+                  samples: bool = False) -> list[dict]:
+    """One report per K in `shots`; with `samples`, each has the `--log_samples` lines of
+    its examples under "samples"."""
+    check_shots(spec, shots)
+    if spec.adapter:
+        return [evaluate_hellaswag(scorer, tok, spec, evals, seed, samples)]
     context = scorer.model_cfg.context
     uncond = None
     if spec.type == "multiple_choice" and spec.answer_context is not None:
@@ -470,9 +567,11 @@ def evaluate_task(scorer: Scorer, tok: Tokenizer, spec: TaskSpec, evals: list[di
             predictions = generate_answers(scorer, tok, spec, [ids for ids, _ in fitted])
             metrics, primary = generation_metrics(predictions, evals), "f1"
             extra = {"predictions": predictions}
+            scores = None
         else:
             nested, used = choice_requests(tok, spec, evals, train, k, seed, context)
             scores = _flat_scores(scorer, nested, f"{spec.name} {k}-shot")
+            predictions = None
         if spec.type == "multiple_choice":
             metrics, primary = multiple_choice_metrics(evals, scores, uncond), "acc_per_token"
             if uncond is not None:
@@ -490,6 +589,9 @@ def evaluate_task(scorer: Scorer, tok: Tokenizer, spec: TaskSpec, evals: list[di
                            "max_new_tokens": spec.max_new_tokens, "stop": spec.stop}
                           if spec.type == "generation" else {})},
             **extra})
+        if samples:
+            reports[-1]["samples"] = task_samples(spec, evals, scores, uncond, used,
+                                                  predictions)
     return reports
 
 
@@ -593,15 +695,24 @@ def define_flags() -> None:
     flags.DEFINE_integer("lm_max_docs", 0, "At most this many documents (0 = all).")
     flags.DEFINE_integer("stride", 0, "Sliding-window stride (0 = context // 2).")
     flags.DEFINE_string("out", None, "Write the JSON report here.")
+    flags.DEFINE_bool("log_samples", False, "Also write every example's scores (each "
+                      "choice's log-likelihood, token/character/byte counts, each metric's "
+                      "pick) as JSONL next to --out: <out>.samples.<task>.<K>shot.jsonl.")
     flags.mark_flags_as_required(["workdir"])
 
 
 def run(workdir: str, tasks: Sequence[str] = (), shots: Sequence[int] = (0,), seed: int = 0,
         limit: int = 0, batch_size: int = 8, lm_docs: Iterable[str] | None = None,
         lm_name: str = "lm", stride: int = 0, step: int | None = None,
-        out: str | None = None) -> dict:
-    """Evaluates a workdir on LM documents and/or task files; returns (and writes) the report."""
+        out: str | None = None, log_samples: bool = False) -> dict:
+    """Evaluates a workdir on LM documents and/or task files; returns (and writes) the report.
+    With `log_samples`, each task entry's per-example lines go to `samples_path(out, ...)`
+    (named in its "samples_file")."""
+    if log_samples and not out:
+        raise cli.UsageError("--log_samples needs --out: the samples are written next to it")
     loaded = [load_task(path, limit) for path in tasks]  # every file checked before loading
+    for spec, _, _ in loaded:
+        check_shots(spec, shots)
     opened = open_run(workdir, step=step)
     cfg, mesh, params, tok, step = (opened.cfg, opened.mesh, opened.params, opened.tokenizer,
                                     opened.step)
@@ -611,9 +722,16 @@ def run(workdir: str, tasks: Sequence[str] = (), shots: Sequence[int] = (0,), se
         lm = evaluate_lm(scorer, tok, lm_docs, stride or max(cfg.model.context // 2, 1))
         reports.append({"task": lm_name, "type": "lm", "metrics": lm, "num_docs": lm["num_docs"]})
     for spec, evals, train in loaded:
-        reports += evaluate_task(scorer, tok, spec, evals, train, shots, seed)
+        reports += evaluate_task(scorer, tok, spec, evals, train, shots, seed, log_samples)
     report = {"workdir": str(opened.workdir), "step": step, "model": cfg.name,
               "tokenizer": tok.kind, "results": reports}
+    for r in reports:  # the samples go to their own files, not into the report
+        if "samples" in r:
+            lines = r.pop("samples")
+            r["samples_file"] = samples_path(out, r["task"], r["shots"])
+            if jax.process_index() == 0:
+                atomic_write_bytes(r["samples_file"], "".join(
+                    json.dumps(line) + "\n" for line in lines).encode())
     if jax.process_index() == 0:  # into the run (reports/), and to --out if given
         text = json.dumps(report, indent=2)
         names = "-".join(r["task"].replace(":", "_").replace("/", "_") for r in reports)
@@ -621,6 +739,12 @@ def run(workdir: str, tasks: Sequence[str] = (), shots: Sequence[int] = (0,), se
         if out:
             atomic_write_bytes(out, text.encode())
     return report
+
+
+def samples_path(out: str, task: str, shots: int) -> str:
+    """Where `--log_samples` writes a task's lines: next to `out`, named for task and K."""
+    root = out[:-len(".json")] if out.endswith(".json") else out
+    return f"{root}.samples.{task.replace(':', '_').replace('/', '_')}.{shots}shot.jsonl"
 
 
 def check_flags(f: Any) -> list[int]:
@@ -638,6 +762,10 @@ def check_flags(f: Any) -> list[int]:
     for path in f.tasks:
         if "://" not in path:
             cli.check_input_file("--tasks", path)
+    if f.log_samples and not f.tasks:
+        raise cli.UsageError("--log_samples logs --tasks examples: give --tasks")
+    if f.log_samples and not f.out:
+        raise cli.UsageError("--log_samples needs --out: the samples are written next to it")
     if not (f.tasks or f.lm_text_glob or f.lm_tfds or f.lm_val):
         raise cli.UsageError("nothing to evaluate: give --tasks and/or --lm_text_glob, "
                              "--lm_tfds or --lm_val")
@@ -667,11 +795,14 @@ def main(argv: list[str]) -> None:
     if lm_docs is not None and f.lm_max_docs:
         lm_docs = list(lm_docs)[:f.lm_max_docs]
     report = run(f.workdir, f.tasks, shots, f.seed, f.limit, f.batch_size,
-                 lm_docs, lm_name, f.stride, f.step, f.out)
+                 lm_docs, lm_name, f.stride, f.step, f.out, f.log_samples)
     if jax.process_index() == 0:
         print(summary_table(report["results"]))
         if f.out:
             print(f"report: {f.out}", file=sys.stderr)
+        for r in report["results"]:
+            if "samples_file" in r:
+                print(f"samples: {r['samples_file']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

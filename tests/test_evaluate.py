@@ -13,10 +13,11 @@ import ml_collections
 import numpy as np
 import pytest
 from conftest import REPO, run_python, tiny_config
+from test_hellaswag import GRILL, ROOF, TENNIS
 
+from gpt_jax import cli, sharding
 from gpt_jax import evaluate as E
 from gpt_jax import model as model_lib
-from gpt_jax import sharding
 from gpt_jax.tokenizer import EOT, CharTokenizer
 from gpt_jax.workdir import open_run
 
@@ -232,11 +233,26 @@ def test_evaluate_task_reports(tiny):
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz :\n?")
     spec = E.TaskSpec(name="mc", type="multiple_choice", eval="x", answer_context="A:")
     evals = [{"context": "is a?", "choices": [" y", " n"], "label": i % 2} for i in range(5)]
-    reports = E.evaluate_task(scorer, tok, spec, evals, None, shots=[0, 3], seed=0)
+    reports = E.evaluate_task(scorer, tok, spec, evals, None, shots=[0, 3], seed=0,
+                              samples=True)
     assert [r["shots"] for r in reports] == [0, 3]
     assert reports[1]["shots_used_mean"] <= 3 and reports[0]["num_examples"] == 5
     assert set(reports[0]["metrics"]) == {"acc", "acc_per_token", "acc_per_byte", "acc_uncond"}
     assert reports[0]["primary"] == "acc_uncond"
+    for r in reports:  # the logged picks are the ones the metrics counted
+        assert [x["label"] for x in r["samples"]] == [0, 1, 0, 1, 0]
+        assert np.mean([x["shots_used"] for x in r["samples"]]) == r["shots_used_mean"]
+        for name, value in r["metrics"].items():
+            assert value == np.mean([x["picks"][name] == x["label"] for x in r["samples"]])
+    choice = reports[0]["samples"][0]["choices"][1]
+    assert (choice["continuation"], choice["num_tokens"], choice["num_bytes"]) == (" n", 2, 2)
+    comp = E.TaskSpec(name="c", type="completion", eval="x")
+    r = E.evaluate_task(scorer, tok, comp, [{"context": "is a", "target": " yes"}], None,
+                        shots=[0], samples=True)[0]
+    target = r["samples"][0]["target"]
+    assert (target["continuation"], target["num_tokens"], target["num_chars"]) == (" yes", 4, 4)
+    assert r["metrics"]["acc"] == float(target["greedy"])
+    assert r["metrics"]["logprob"] == pytest.approx(target["logprob"])
 
 
 # ---------------------------------------------------------------- GPT-2 cross-check and CLI
@@ -328,10 +344,12 @@ def test_generation_task_matches_transformers_beam_search(gpt2_workdir):
                       progress=False)
     spec, evals, _ = E.load_task(TOY_QA)
     evals = evals[:5]  # two batches, the second filled up
-    reports = E.evaluate_task(scorer, tok, spec, evals, None, shots=[1], seed=0)
+    reports = E.evaluate_task(scorer, tok, spec, evals, None, shots=[1], seed=0, samples=True)
     for k, report in zip((1,), reports):
         assert report["shots_used_mean"] == k and report["primary"] == "f1"
         assert report["metrics"] == E.generation_metrics(report["predictions"], evals)
+        assert [x["prediction"] for x in report["samples"]] == report["predictions"]
+        assert np.mean([x["f1"] for x in report["samples"]]) == report["metrics"]["f1"]
         for i, ex in enumerate(evals):
             demos = E.draw_demos(len(evals), i, None, evals, k, seed=0)
             prompt = ref_tok.encode(spec.separator.join(
@@ -343,3 +361,87 @@ def test_generation_task_matches_transformers_beam_search(gpt2_workdir):
                                   attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
             want = ref_tok.decode(out[0, len(prompt):].tolist()).split("<|endoftext|>")[0]
             assert report["predictions"][i] == want.split("\n")[0]
+
+
+def test_cli_hellaswag_both_conventions_and_log_samples(gpt2_workdir, tmp_path):
+    """`evaluate --log_samples` on official-format HellaSwag records and toy_mc: every
+    logged log-likelihood equals transformers' on the tokens each convention scores (llm.c:
+    ctx, then " " + ending encoded apart; the harness: query + " " + choice encoded whole,
+    after the query's tokens), and every pick and metric follows from the logged counts."""
+    import torch
+    import transformers
+    hf, hf_dir, workdir = gpt2_workdir
+    ref_tok = transformers.GPT2Tokenizer(os.path.join(hf_dir, "vocab.json"),
+                                         os.path.join(hf_dir, "merges.txt"))
+    records = [ROOF, GRILL, TENNIS]
+    (tmp_path / "hellaswag_val.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                          for r in records))
+    task = tmp_path / "hs.json"
+    task.write_text(json.dumps({"name": "hellaswag", "type": "multiple_choice",
+                                "eval": "hellaswag_val.jsonl", "adapter": "hellaswag"}))
+    out = str(tmp_path / "report.json")
+    result = run_python(["-m", "gpt_jax.evaluate", f"--workdir={workdir}",
+                         f"--tasks={task},{TOY_MC}", "--shots=0", f"--out={out}",
+                         "--log_samples", "--batch_size=4"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out) as f:
+        hs, mc = json.load(f)["results"]
+    assert hs["primary"] == "llmc_acc_norm" and hs["num_examples"] == 3
+    assert set(hs["metrics"]) == {"llmc_acc", "llmc_acc_norm", "lmeval_acc", "lmeval_acc_norm"}
+    assert "llmc_acc_norm" in result.stdout and "lmeval_acc_norm" in result.stdout
+    assert hs["samples_file"] == str(tmp_path / "report.samples.hellaswag.0shot.jsonl")
+
+    def logprob(ctx, cont):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ctx + cont])).logits[0, :-1]
+        logp = torch.log_softmax(logits, -1)[torch.arange(len(ctx) + len(cont) - 1),
+                                             torch.tensor((ctx + cont)[1:])]
+        return float(logp[-len(cont):].sum())
+
+    with open(hs["samples_file"]) as f:
+        lines = [json.loads(line) for line in f]
+    assert [(x["doc_id"], x["ind"], x["label"]) for x in lines] == [
+        (0, 24, 3), (1, 7, 0), (2, 3, 1)]
+    for line, record in zip(lines, records):
+        ctx = ref_tok.encode(record["ctx"])
+        query = ref_tok.encode(line["lmeval"]["context"])
+        for j, ending in enumerate(record["endings"]):
+            c = line["llmc"]["choices"][j]
+            cont = ref_tok.encode(" " + ending)
+            assert c["continuation"] == " " + ending and c["num_tokens"] == len(cont)
+            np.testing.assert_allclose(c["logprob"], logprob(ctx, cont), atol=1e-4)
+            c = line["lmeval"]["choices"][j]
+            cont = ref_tok.encode(line["lmeval"]["context"] + c["continuation"])[len(query):]
+            assert c["num_tokens"] == len(cont)
+            np.testing.assert_allclose(c["logprob"], logprob(query, cont), atol=1e-4)
+        llmc, lmeval = line["llmc"]["choices"], line["lmeval"]["choices"]
+        mean_loss = [-c["logprob"] / c["num_tokens"] for c in llmc]  # llm.c's argmin
+        per_char = [c["logprob"] / (c["num_chars"] - 1) for c in lmeval]  # no delimiter
+        assert line["picks"] == {
+            "llmc_acc": int(np.argmax([c["logprob"] for c in llmc])),
+            "llmc_acc_norm": int(np.argmin(mean_loss)),
+            "lmeval_acc": int(np.argmax([c["logprob"] for c in lmeval])),
+            "lmeval_acc_norm": int(np.argmax(per_char))}
+    for name, value in hs["metrics"].items():
+        assert value == np.mean([x["picks"][name] == x["label"] for x in lines])
+    # a schema task logs its choices, picks and the unconditional scores too
+    with open(mc["samples_file"]) as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == mc["num_examples"] == 6
+    for name, value in mc["metrics"].items():
+        assert value == pytest.approx(np.mean([x["correct"][name] for x in lines]))
+    first = lines[0]["choices"][0]
+    assert set(first) == {"continuation", "logprob", "num_tokens", "num_chars", "num_bytes",
+                          "greedy", "uncond_logprob"} and first["continuation"] == " Berlin"
+
+
+def test_log_samples_needs_out_and_zero_shot_hellaswag(tmp_path):
+    with pytest.raises(cli.UsageError, match="--log_samples needs --out"):
+        E.run(str(tmp_path / "none"), [TOY_MC], log_samples=True)
+    assert E.samples_path("r/report.json", "lm:x/y", 1) == "r/report.samples.lm_x_y.1shot.jsonl"
+    (tmp_path / "hellaswag_val.jsonl").write_text(json.dumps(ROOF) + "\n")
+    task = tmp_path / "hs.json"
+    task.write_text(json.dumps({"type": "multiple_choice", "eval": "hellaswag_val.jsonl",
+                                "adapter": "hellaswag"}))
+    with pytest.raises(E.ConfigError, match="--shots=0,1: task 'hs' .*use --shots=0"):
+        E.run(str(tmp_path / "none"), [str(task)], shots=[0, 1])  # before the workdir
