@@ -14,6 +14,7 @@ import ml_collections
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw", "muon")
 DATA_SOURCES = ("stdlib", "text", "tfds")
 TOKENIZERS = ("sentencepiece", "char", "file", "gpt2", "gpt1")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -77,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
     o.eps = 1e-8
     o.weight_decay = 0.1
     o.grad_clip = 1.0
+    # 'adamw' (the papers'), or 'muon': orthogonalised momentum for the hidden matrices
+    # at peak muon_lr (AdamW-RMS-matched), AdamW for the rest (optim.make_optimizer).
+    o.optimizer = "adamw"
+    o.muon_lr = 3e-3
+    o.muon_momentum = 0.95
     # GPT-3 batch-size ramp: microbatches grow linearly from ceil(start/full)
     # of the full batch to all of it over the first `batch_ramp_tokens` tokens.
     o.batch_ramp_tokens = 0
@@ -278,6 +284,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               "(layers are scanned in dense/banded pairs)")
 
     _check_choice(cfg, "optim.schedule", SCHEDULES)
+    _check_choice(cfg, "optim.optimizer", OPTIMIZERS)
+    if o.muon_lr <= 0:
+        _fail("optim.muon_lr", o.muon_lr, "must be > 0")
+    if not 0.0 <= o.muon_momentum < 1.0:
+        _fail("optim.muon_momentum", o.muon_momentum, "must be in [0, 1)")
     if o.peak_lr <= 0:
         _fail("optim.peak_lr", o.peak_lr, "must be > 0")
     if not 0.0 <= o.final_lr_frac <= 1.0:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 Schedule = Callable[[Any], Any]
 
@@ -198,12 +199,74 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def muon_dimensions(params: Any) -> Any:
+    """Muon's view of each GPT weight as matrices (x @ W), or None where Adam applies.
+
+    Negative axes, so a scanned (layers, ...) stack adds a batch axis. The fused qkv
+    kernel D x 3 x H x K is three D x (H*K) matrices (axis 3-of-qkv is a batch axis),
+    as modded-nanogpt orthogonalises q, k and v apart; the attention output H x K x D
+    is one (H*K) x D matrix. Embeddings (tied to the logits), LN gains and biases: Adam.
+    """
+    def dims(path: tuple, x: Any) -> Any:
+        # Dict keys only: a flax box (abstract params at init) adds its attribute `value`.
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if names[-1] != "kernel":
+            return None
+        if names[-2:] == ["qkv", "kernel"]:
+            return MuonDimensionNumbers(reduction_axis=(-4,), output_axis=(-2, -1))
+        if names[-3:] == ["attn", "proj", "kernel"]:
+            return MuonDimensionNumbers(reduction_axis=(-3, -2), output_axis=(-1,))
+        return MuonDimensionNumbers(reduction_axis=(-2,), output_axis=(-1,))
+
+    return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def _scale_to_adam_rms(dims: Callable[[Any], Any], rms: float = 0.2
+                       ) -> optax.GradientTransformation:
+    """An orthogonal m x n update has RMS 1/sqrt(max(m, n)); scale it to `rms`, about
+    AdamW's (Liu et al. 2025, "Muon is scalable for LLM training", eq. 4), so that
+    `optim.muon_lr` reads on AdamW's scale whatever the matrix's shape."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        def scale(u: Any, d: Any) -> Any:
+            fan_in = math.prod(u.shape[a] for a in d.reduction_axis)
+            fan_out = math.prod(u.shape[a] for a in d.output_axis)
+            return u * (rms * math.sqrt(max(fan_in, fan_out)))
+
+        return jax.tree.map(scale, updates, dims(updates),
+                            is_leaf=lambda x: isinstance(x, MuonDimensionNumbers)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW (papers' betas/eps), masked decoupled weight decay, global-norm clipping."""
+    """AdamW (papers' betas/eps), masked decoupled weight decay, global-norm clipping.
+
+    `optim.optimizer='muon'` (Jordan et al. 2024, modded-nanogpt) instead updates the
+    hidden matrices with orthogonalised Nesterov momentum at peak `optim.muon_lr`, on the
+    same schedule's shape, and keeps AdamW for embeddings, gains and biases.
+    """
     o = cfg.optim
     chain = []
     if o.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(o.grad_clip))
-    chain.append(optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
-                             weight_decay=o.weight_decay, mask=decay_mask))
+    lr = learning_rate_schedule(cfg)
+    adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                        mask=decay_mask)
+    if o.get("optimizer", "adamw") == "adamw":
+        chain.append(adamw)
+        return optax.chain(*chain)
+    scale = o.muon_lr / o.peak_lr
+    dims = muon_dimensions
+    muon = optax.chain(
+        scale_by_muon(beta=o.muon_momentum, nesterov=True, weight_dimension_numbers=dims),
+        _scale_to_adam_rms(dims),
+        optax.add_decayed_weights(o.weight_decay),
+        optax.scale_by_learning_rate(lambda step: lr(step) * scale))
+
+    def labels(params: Any) -> Any:
+        return jax.tree.map(lambda d: "adam" if d is None else "muon", dims(params),
+                            is_leaf=lambda d: d is None or isinstance(d, tuple))
+
+    chain.append(optax.partition({"muon": muon, "adam": adamw}, labels))
     return optax.chain(*chain)

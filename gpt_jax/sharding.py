@@ -126,8 +126,17 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, cfg: ml_collections.Conf
 
 def tree_shardings(boxed_tree: Any, mesh: Mesh, cfg: ml_collections.ConfigDict) -> Any:
     """NamedShardings for a pytree whose leaves may be flax LogicallyPartitioned boxes
-    (params, or optimizer state built on them); unboxed leaves are replicated."""
-    return logical_to_sharding(nn.get_partition_spec(boxed_tree), mesh, cfg)
+    (params, or optimizer state built on them); unboxed leaves are replicated.
+
+    A box may hold no array: optax's partition (Muon's AdamW part) puts a MaskedNode in
+    the boxes of the leaves another optimizer updates; that stays a MaskedNode.
+    """
+    def one(x: Any) -> Any:
+        if isinstance(x, nn.meta.AxisMetadata) and not jax.tree.leaves(x.unbox()):
+            return x.unbox()
+        return logical_to_sharding(nn.get_partition_spec(x), mesh, cfg)
+
+    return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:

@@ -67,9 +67,10 @@ EXCLUSIVE = {"convert": ("from_hf", "to_hf")}  # flags that exclude each other
 FIELD_NEGATIVE_OK = {"seed", "data.seed", "mesh.data"}
 FRACTIONS = ("model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop", "optim.b1",
              "optim.b2", "optim.final_lr_frac", "optim.warmup_frac", "data.val_fraction",
-             "data.dedup.threshold", "train.sample_top_p")
+             "data.dedup.threshold", "train.sample_top_p", "optim.muon_momentum")
 CHOICES = ("model.norm", "model.attention_pattern", "model.dtype", "model.remat",
-           "model.attention_impl", "optim.schedule", "data.source", "data.tokenizer")
+           "model.attention_impl", "optim.schedule", "optim.optimizer", "data.source",
+           "data.tokenizer")
 
 
 def documented_commands() -> list[str]:

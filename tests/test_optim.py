@@ -164,3 +164,44 @@ def test_batch_ramp():
     assert used * 32768 == pytest.approx(4e9, rel=0.02)
     cfg.optim.batch_ramp_tokens = 0
     assert int(optim.microbatches_at(cfg, 0)) == m
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_muon_orthogonalises_hidden_matrices_and_leaves_the_rest_to_adamw(scan):
+    cfg = base_config()
+    cfg.model.update(dict(vocab_size=11, context=8, n_layer=2, n_head=2, d_model=8, d_ff=16,
+                          scan_layers=scan))
+    cfg.optim.update(dict(optimizer="muon", schedule="constant", peak_lr=0.1, muon_lr=0.05,
+                          muon_momentum=0.0, weight_decay=0.0, grad_clip=0.0))
+    config.validate(cfg)
+    params = model.unbox(model.init_params(cfg.model, jax.random.key(0)))
+    dims = optim.muon_dimensions(params)
+    layer = (lambda t: t["h"]["layer_0"]) if scan else (lambda t: t["h_0"])
+    assert dims["wte"]["embedding"] is None and dims["wpe"]["embedding"] is None
+    assert layer(dims)["ln_1"]["scale"] is None and layer(dims)["mlp"]["fc"]["bias"] is None
+    leaves = jax.tree.leaves(params)
+    grads = jax.tree.unflatten(jax.tree.structure(params), [
+        jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
+    tx = optim.make_optimizer(cfg)
+    updates, _ = tx.update(grads, tx.init(params), params)
+
+    def singular_values(u, fan_in):  # of the update as (fan_in x fan_out) matrices
+        m = np.asarray(u).reshape(-1, fan_in, u.size // fan_in // (u.shape[0] if scan else 1))
+        return np.linalg.svd(m, compute_uv=False)
+
+    def check_orthogonal(u, m, n):
+        # scaled to RMS 0.2 * lr: singular values 0.2 * lr * sqrt(max(m, n)) * ~1 (Newton-
+        # Schulz's quintic leaves them in roughly [0.7, 1.2], not exactly 1)
+        s = singular_values(u, m) / (0.2 * 0.05 * np.sqrt(max(m, n)))
+        assert s.min() > 0.5 and s.max() < 1.3, s
+
+    u = layer(updates)
+    check_orthogonal(u["mlp"]["fc"]["kernel"], 8, 16)
+    check_orthogonal(u["mlp"]["proj"]["kernel"], 16, 8)
+    check_orthogonal(u["attn"]["proj"]["kernel"], 8, 8)  # H x K x D as one (H*K) x D
+    qkv = np.asarray(u["attn"]["qkv"]["kernel"])  # [L x] D x 3 x H x K: q, k, v apart
+    for i in range(3):
+        check_orthogonal(qkv[..., i, :, :], 8, 8)
+    # AdamW's first step is lr * g / |g| elementwise; no weight decay here
+    np.testing.assert_allclose(updates["wte"]["embedding"],
+                               -0.1 * np.sign(grads["wte"]["embedding"]), rtol=1e-4)
