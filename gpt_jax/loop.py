@@ -5,7 +5,8 @@ A trainer describes itself as a `Task` (params, loss, batches, evaluation);
 the workdir's latest checkpoint, the jitted step, metrics.jsonl/TensorBoard,
 evaluation, asynchronous checkpoints (last `train.keep` plus the best by eval
 loss), SIGTERM -> checkpoint and exit 0, and a stop naming the step on a
-non-finite loss.
+non-finite loss; and the run's goodput ledger (`gpt_jax.goodput`: where its seconds went,
+across restarts), logged and printed at every evaluation and at the end.
 
 Storage outages (gpt_jax/storage.py): token reads retry for `train.storage_retry_budget_s`,
 metrics are written in the background, a failed save is retried at the next interval
@@ -35,9 +36,9 @@ from jax.experimental import multihost_utils
 
 from gpt_jax import checkpoint as ckpt_lib
 from gpt_jax import data as data_lib
+from gpt_jax import goodput, optim, provenance, sharding, steps, storage
 from gpt_jax import lease as lease_lib
 from gpt_jax import model as model_lib
-from gpt_jax import optim, provenance, sharding, steps, storage
 from gpt_jax.flops import device_peak_flops
 from gpt_jax.metrics import MetricsWriter, last_step
 from gpt_jax.workdir import Workdir, WorkdirError, check_compatible
@@ -306,9 +307,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Workdir, mesh: jax.shardi
     """
     workdir = Workdir(workdir)
     lease = take_lease(workdir, cfg)
+    ledger = goodput.Ledger(workdir)  # counts from the process's start, the lease's wait too
     try:
-        return _run(cfg, workdir, mesh, task, lease, restart, accept_changes)
+        return _run(cfg, workdir, mesh, task, lease, ledger, restart, accept_changes)
     finally:
+        ledger.stop()  # after an error the attempt stays open, like a killed one
         if lease is not None:
             lease.release()
 
@@ -345,7 +348,7 @@ def check_fresh_start(workdir: Workdir, restart: bool) -> None:
 
 
 def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Mesh,
-         task: Task, lease: lease_lib.Lease | None, restart: bool,
+         task: Task, lease: lease_lib.Lease | None, ledger: goodput.Ledger, restart: bool,
          accept_changes: Sequence[str]) -> tuple[dict, Any, bool]:
     trainer = build_trainer(cfg, mesh, task.loss_fn, task.boxed_params, task.init_params,
                             task.optimizer)
@@ -354,17 +357,20 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
                                  max_failed_saves=cfg.train.get("max_failed_saves", 3))
     _LAST_GOOD.append(ckpt.last_good)
     ckpt.check_writable()
-    if ckpt.latest_step() is None:
+    latest = ckpt.latest_step()
+    if latest is None:
         check_fresh_start(workdir, restart)
     accept = provenance.parse_accept(accept_changes)
     record = provenance.compute(cfg, task.tokenizer, task.token_store)
-    state, meta = restore_or_init(trainer, ckpt, workdir)
+    with ledger.timer("startup" if latest is None else "restore"):
+        state, meta = restore_or_init(trainer, ckpt, workdir)
     changes = (provenance.verify_resume(meta, record, cfg, workdir, accept,
                                         show=jax.process_index() == 0) if meta else [])
     workdir.write_config(cfg)  # only now: a run that cannot resume keeps its config.json
     if task.tokenizer is not None:  # and its tokenizer
         workdir.save_tokenizer(task.tokenizer)
     start, t = int(state["step"]), cfg.train
+    ledger.resume(start, last_step(workdir))  # before the writer sets later rows aside
     writer = MetricsWriter(workdir, resume_step=start)  # sets aside rows it will rewrite
     writer.write(start, {"provenance": provenance.metrics_entry(record, changes)})
     preemption = Preemption()
@@ -380,6 +386,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
     def tokens(steps: int) -> int:  # actually consumed: GPT-3's batch ramp shrinks early steps
         return task.tokens_per_step * optim.microbatches_consumed(cfg, steps) // t.microbatches
 
+    def report_goodput(step: int) -> None:  # a metrics row (and TensorBoard) and a line
+        writer.write(step, {**ledger.fields(), "tokens": tokens(step)})
+        if jax.process_index() == 0:
+            progress.write(ledger.line())
 
     def check_losses() -> list[float]:
         values = [float(v) for _, v in pending]
@@ -401,22 +411,29 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
         if not meta:  # a fresh state is worth keeping; a restored one is on disk already
             ckpt.save(start, state["params"], state["opt_state"], meta_at(start), force=True)
         ckpt.close()
+        ledger.close()
+        report_goodput(start)
         writer.close()
         progress.close()
         logging.warning("SIGTERM during start-up: exiting before step %d", start)
         return final, state["params"], True
 
     if start == 0 and t.get("eval_at_start", True):  # curves start at the init loss (nanoGPT)
-        writer.write(0, {**task.evaluate(state["params"]), "tokens": 0})
+        with ledger.timer("eval"):
+            evals = task.evaluate(state["params"])
+        writer.write(0, {**evals, "tokens": 0})
         tic = time.perf_counter()
 
     custom_step = task.make_step(trainer) if task.make_step is not None else None
     # The next batches are read on background threads while this step runs.
     local_batches = (data_lib.prefetch(task.batch, start, t.steps, cfg.data.get("prefetch", 0))
                      if custom_step is None else None)
+    ledger.switch("steps")
     for step in range(start, t.steps):
         if custom_step is None:
-            batch = global_batch(next(local_batches), mesh)
+            with ledger.timer("data"):
+                local = next(local_batches)
+            batch = global_batch(local, mesh)
             state, metrics = trainer.train_step(state, batch, rng,
                                                 optim.microbatches_at(cfg, step))
         else:
@@ -428,6 +445,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
         if lease is not None:
             lease.check()  # taken over by another writer: stop before writing more
         done = step + 1
+        ledger.trained(done)
         if done % t.log_every == 0 or done == t.steps:
             losses = check_losses()
             step_time = (time.perf_counter() - tic) / (done - tic_step)
@@ -443,17 +461,22 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
             writer.write(done, final)
             progress.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tok_s:,.0f}")
         if done % t.eval_every == 0 or done == t.steps:
-            evals = task.evaluate(state["params"])
+            with ledger.timer("eval"):
+                evals = task.evaluate(state["params"])
             last_eval, last_eval_step = evals.get("eval_loss", float("nan")), done
             writer.write(done, {**evals, "tokens": tokens(done)})
             final.update(evals)
+            if done < t.steps:  # at the end, once the last save is in it
+                report_goodput(done)
             tic, tic_step = time.perf_counter(), done
         progress.update(1)
         stop = preemption.reached(done)
         if done % t.ckpt_every == 0 or done == t.steps or stop:
             check_losses()
-            ckpt.save(done, state["params"], state["opt_state"], meta_at(done),
-                      eval_loss=last_eval if last_eval_step == done else None, force=stop)
+            with ledger.timer("save"):
+                ckpt.save(done, state["params"], state["opt_state"], meta_at(done),
+                          eval_loss=last_eval if last_eval_step == done else None, force=stop)
+            ledger.persist()
             writer.flush(wait=False)  # queued: on gs:// an outage must not stop training
         if stop:
             progress.close()  # its last redraw would come after the line below
@@ -462,7 +485,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh: jax.sharding.Me
             break
     if local_batches is not None:
         local_batches.close()  # stops reads of steps that will not run (after SIGTERM)
-    ckpt.close()
+    with ledger.timer("save"):
+        ckpt.close()  # waits for the last save
+    ledger.close()
+    report_goodput(int(state["step"]))
     writer.close()
     progress.close()
     return final, state["params"], preemption.requested

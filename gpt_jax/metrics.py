@@ -1,7 +1,8 @@
 """The metrics writer every trainer uses: `workdir/metrics.jsonl` and TensorBoard.
 
 Only process 0 writes. Each line of metrics.jsonl is one JSON object with at
-least `step`; training lines carry `loss`, eval lines `eval_loss`. Readers
+least `step`; training lines carry `loss`, eval lines `eval_loss`, the goodput ledger's
+lines (`gpt_jax.goodput`, at each evaluation and at the end) `goodput`. Readers
 (`gpt_jax.plot`, the notebooks) read it through `read_metrics`.
 
 Integrity. A kill mid-write can leave a partial last line: the writer drops it when it

@@ -10,6 +10,10 @@ headless and the notebooks in `notebooks/` display the same Figures. Every
 plotting function returns what it drew (the per-run series, each with its
 matplotlib line, and the Figure) so callers and tests can check it.
 
+Goodput: the run's goodput fraction (`gpt_jax.goodput`: productive step time over all
+paid wall time, across restarts) against tokens seen, and its ledger's last breakdown
+(seconds by category) as one stacked bar per run.
+
 Scaling: the final validation loss of each run against its training compute
 C = 6 N D FLOPs, D = tokens seen at that eval and N = non-embedding parameters
 by default (Kaplan et al. 2020, whose convention the GPT-3 compute figure
@@ -19,6 +23,7 @@ log-log least-squares fit of L(C) = a * C^(-b).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -35,7 +40,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
-from gpt_jax import cli, metrics, model, reference
+from gpt_jax import cli, goodput, metrics, model, reference
 from gpt_jax.workdir import Workdir
 
 WORKDIRS_ENV = "GPT_JAX_WORKDIRS"
@@ -50,6 +55,7 @@ PANELS = {
     "tokens_per_s": ("tokens_per_s", "throughput (tokens/s)", False),
     "mfu": ("mfu", "MFU", False),
 }
+GOODPUT_KEYS = ("goodput", *(f"goodput/{k}_s" for k in goodput.CATEGORIES))
 PARAM_COUNTS = ("non_embedding", "total")
 
 
@@ -62,11 +68,14 @@ class Run:
     config: ml_collections.ConfigDict
     train: dict[str, np.ndarray]  # "step", "tokens" and TRAIN_KEYS, one entry per training row
     eval: dict[str, np.ndarray]  # "step", "tokens" and EVAL_KEYS, one entry per eval row
+    # "step", "tokens" and GOODPUT_KEYS, one entry per goodput row (none in older runs)
+    goodput: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Series:
-    """One plotted line: `panel` of PANELS, `kind` "train" or "val"."""
+    """One plotted line: `panel` of PANELS (or "goodput"), `kind` "train", "val" or
+    "goodput"."""
 
     panel: str
     run: str
@@ -78,11 +87,13 @@ class Series:
 
 @dataclass(frozen=True)
 class Curves:
-    """What `plot_curves` drew: the Figure, its axes by panel name, and every line."""
+    """What `plot_curves` drew: the Figure, its axes by panel name, every line, and the
+    seconds by goodput category of each run's stacked bar (panel "badput")."""
 
     figure: Figure
     axes: dict[str, Axes]
     series: list[Series]
+    breakdown: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def get(self, panel: str, run: str, kind: str = "train") -> Series:
         """The line of `run` (its label) in `panel`; StopIteration if none was drawn."""
@@ -143,14 +154,15 @@ def load_run(workdir: str, label: str | None = None) -> Run:
     return Run(workdir=str(workdir), label=label or cfg.get("name", os.path.basename(workdir)),
                config=cfg,
                train=columns([r for r in rows if "loss" in r], TRAIN_KEYS),
-               eval=columns([r for r in rows if "eval_loss" in r], EVAL_KEYS))
+               eval=columns([r for r in rows if "eval_loss" in r], EVAL_KEYS),
+               goodput=columns([r for r in rows if "goodput" in r], GOODPUT_KEYS))
 
 
 def load_runs(workdirs: Sequence[str]) -> list[Run]:
     """Runs labelled by config name; names shared by several runs get the workdir's basename."""
     runs = [load_run(w) for w in workdirs]
     names = [r.label for r in runs]
-    return [Run(r.workdir, f"{r.label} ({epath.Path(r.workdir).name})", r.config, r.train, r.eval)
+    return [dataclasses.replace(r, label=f"{r.label} ({epath.Path(r.workdir).name})")
             if names.count(r.label) > 1 else r for r in runs]
 
 
@@ -165,10 +177,11 @@ def workdirs_from_env(default: Sequence[str], var: str = WORKDIRS_ENV) -> list[s
 
 def plot_curves(runs: Sequence[Run]) -> Curves:
     """Training (solid) and validation (dashed, dots) loss against tokens seen, linear and
-    log-log; learning rate, gradient norm, throughput and MFU; one colour per run."""
-    fig = Figure(figsize=(16, 9), layout="constrained")
-    grid = fig.subplots(2, 3)
-    axes = dict(zip(PANELS, grid.flat))
+    log-log; learning rate, gradient norm, throughput and MFU; goodput and its breakdown;
+    one colour per run."""
+    fig = Figure(figsize=(21, 9), layout="constrained")
+    grid = fig.subplots(2, 4)
+    axes = dict(zip((*PANELS, "goodput", "badput"), grid.flat))
     series: list[Series] = []
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
@@ -195,8 +208,44 @@ def plot_curves(runs: Sequence[Run]) -> Curves:
                     ha="center", va="center", transform=ax.transAxes)
     if axes["loss"].lines:
         axes["loss"].legend(fontsize="small")
+    breakdown = _plot_goodput(axes["goodput"], axes["badput"], runs, series)
     fig.suptitle("training runs: " + ", ".join(r.label for r in runs))
-    return Curves(fig, axes, series)
+    return Curves(fig, axes, series, breakdown)
+
+
+def _plot_goodput(line_ax: Axes, bar_ax: Axes, runs: Sequence[Run],
+                  series: list[Series]) -> dict[str, dict[str, float]]:
+    """Goodput against tokens seen (one line per run, added to `series`), and each run's
+    last ledger as a stacked bar of seconds by category; returns those seconds."""
+    breakdown: dict[str, dict[str, float]] = {}
+    for i, run in enumerate(runs):
+        if not len(run.goodput.get("step", ())):
+            continue
+        x, y = run.goodput["tokens"], run.goodput["goodput"]
+        (line,) = line_ax.plot(x, y, "o-", color=f"C{i % 10}", label=run.label)
+        series.append(Series("goodput", run.label, "goodput", x, y, line))
+        breakdown[run.label] = {k: float(run.goodput[f"goodput/{k}_s"][-1])
+                                for k in goodput.CATEGORIES}
+    line_ax.set_xlabel("tokens seen")
+    line_ax.set_ylabel("goodput (productive step s / wall s)")
+    line_ax.set_ylim(0.0, 1.05)
+    line_ax.grid(True, alpha=0.3)
+    labels = list(breakdown)
+    for j, category in enumerate(goodput.CATEGORIES):
+        widths = [np.nan_to_num(breakdown[r][category]) for r in labels]
+        left = [sum(np.nan_to_num(breakdown[r][c]) for c in goodput.CATEGORIES[:j])
+                for r in labels]
+        if labels:
+            bar_ax.barh(labels, widths, left=left, color=f"C{j % 10}", label=category)
+    bar_ax.set_xlabel("seconds, all attempts (last goodput row)")
+    bar_ax.set_title("where the wall time went", fontsize="medium")
+    if labels:
+        bar_ax.legend(fontsize="small")
+    else:
+        for ax in (line_ax, bar_ax):
+            ax.text(0.5, 0.5, "no goodput recorded", ha="center", va="center",
+                    transform=ax.transAxes)
+    return breakdown
 
 
 def _loglog(ax: Axes) -> None:

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, run_python
 from test_train import train_args
 
-from gpt_jax import metrics, plot
+from gpt_jax import goodput, metrics, plot
 
 WIDTHS = (16, 32)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -101,6 +101,22 @@ def check_curves(curves: plot.Curves, runs: list[plot.Run]) -> None:
             line = curves.get(panel, run.label, "val").line
             np.testing.assert_array_equal(line.get_xdata(), [r["tokens"] for r in evals])
             np.testing.assert_array_equal(line.get_ydata(), [r["eval_loss"] for r in evals])
+        ledger = [r for r in rows if "goodput" in r]  # at the eval at step 5 and the end
+        assert [r["step"] for r in ledger] == [5, 10]
+        line = curves.get("goodput", run.label, "goodput").line
+        assert line in curves.axes["goodput"].lines
+        np.testing.assert_array_equal(line.get_xdata(), [r["tokens"] for r in ledger])
+        np.testing.assert_array_equal(line.get_ydata(), [r["goodput"] for r in ledger])
+        assert curves.breakdown[run.label] == {k: ledger[-1][f"goodput/{k}_s"]
+                                               for k in goodput.CATEGORIES}
+        assert 0 < ledger[-1]["goodput"] <= 1
+        bars = curves.axes["badput"].patches  # a stacked bar per run, a segment per category
+        assert len(bars) == len(runs) * len(goodput.CATEGORIES)
+        mine = bars[runs.index(run)::len(runs)]  # drawn category by category
+        np.testing.assert_allclose([b.get_width() for b in mine],
+                                   [ledger[-1][f"goodput/{k}_s"] for k in goodput.CATEGORIES])
+        np.testing.assert_allclose(mine[-1].get_x() + mine[-1].get_width(),
+                                   ledger[-1]["goodput/wall_s"])
 
 
 def test_curves_and_scaling_match_metrics(workdirs):
