@@ -15,7 +15,8 @@ import ml_collections
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "muon")
-DATA_SOURCES = ("stdlib", "text", "tfds")
+DATA_SOURCES = ("stdlib", "text", "tfds", "hf")
+VAL_SPLIT_RULES = ("hash", "first", "permutation")  # data.val_split_rule
 TOKENIZERS = ("sentencepiece", "char", "file", "gpt2", "gpt1")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -169,6 +170,14 @@ def base_config() -> ml_collections.ConfigDict:
     q.num_features_log2 = 18  # hashed word features (Spark HashingTF)
     q.alpha = 9.0  # keep a doc iff np.random.pareto(alpha) > 1 - score
     d.val_fraction = 0.05
+    # How record sources split: 'hash' (of each record's index, against val_fraction), or, for
+    # parquet files, a peer's rule (data/sources.py `route`): 'first' makes the first
+    # `val_docs` records validation (llm.c's FineWeb), 'permutation' the first
+    # ceil(val_fraction * n) of numpy's default_rng(val_split_seed).permutation(n) (nanoGPT's
+    # OpenWebText through `datasets`' train_test_split).
+    d.val_split_rule = "hash"
+    d.val_docs = 0
+    d.val_split_seed = 0
     d.tokenizer = "sentencepiece"
     d.tokenizer_path = ""  # 'file': a sentencepiece .model; 'gpt2': dir with vocab.json, merges.txt
     d.tokenizer_train_chars = 20_000_000  # characters sampled to train a new vocabulary
@@ -338,6 +347,23 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               f"must point to a tokenizer when data.tokenizer={d.tokenizer!r}")
     if not 0.0 < d.val_fraction < 1.0:
         _fail("data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    if d.source == "hf" and not d.hf_path:
+        _fail("data.hf_path", d.hf_path, "must name a builder ('parquet', 'json') or a hub "
+              "dataset when data.source='hf'")
+    for field in ("val_docs", "val_split_seed"):
+        value = d.get(field, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            _fail(f"data.{field}", value, "must be an integer >= 0")
+    rule = d.get("val_split_rule", "hash")
+    if rule not in VAL_SPLIT_RULES:
+        _fail("data.val_split_rule", rule, f"is not one of {list(VAL_SPLIT_RULES)}")
+    if rule == "first" and d.val_docs < 1:
+        _fail("data.val_docs", d.val_docs, "must be >= 1 with data.val_split_rule='first' "
+              "(the first val_docs records are the validation split)")
+    if rule != "hash" and not d.get("sources") and not (
+            d.source == "hf" and d.hf_path == "parquet" and d.hf_data_files):
+        _fail("data.val_split_rule", rule, "applies only to parquet files (data.source='hf', "
+              "data.hf_path='parquet', data.hf_data_files); 'hash' splits any source")
 
     if "finetune" in cfg:
         ft = cfg.finetune

@@ -17,7 +17,7 @@ from gpt_jax.config import ConfigError, validate
     ("optim.schedule", "warmup", "optim.schedule='warmup' is not one of"),
     ("optim.peak_lr", -1.0, "optim.peak_lr=-1.0 must be > 0"),
     ("train.microbatches", 3, "train.batch_size=8 is not divisible by train.microbatches=3"),
-    ("data.source", "web", "data.source='web' is not one of ['stdlib', 'text', 'tfds']"),
+    ("data.source", "web", "data.source='web' is not one of ['stdlib', 'text', 'tfds', 'hf']"),
     ("data.tokenizer", "file", "data.tokenizer_path=''"),
     ("mesh.model", 3, "model.n_head=2 is not divisible by mesh.model=3"),
     ("mesh.data", 0, "mesh.data=0 must be -1"),

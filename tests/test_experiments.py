@@ -22,6 +22,11 @@ Stand-ins for data that needs a download:
       off: trained to tell Python from Python it keeps 2 of the 33 common_crawl files and
       empties that source's validation split (tests/test_prepare.py tests the filter).
   GLUE and HellaSwag (TFDS): JSONL files of the same task layout (`reference.task_rows`).
+  Web text in parquet (gpt2.py:124m_fineweb's FineWeb, :124m_owt's OpenWebText): a local
+      parquet file with FineWeb's schema holding 48 stdlib modules (`web_text`), split by
+      the recipe's own rule ('first' keeps 4 validation documents of the 48); GPT-2's BPE
+      files: a byte-level vocabulary in their format (256 byte symbols and <|endoftext|>,
+      no merges), so the real GPT2Tokenizer reads it and the model keeps 50,257 rows.
 The RLHF configs read experiments/rlhf/data (in the repository; the first rows of each file).
 Stages start from smoke runs, as in real use (--init_from): fine-tuning from gpt1.py's,
 SFT from rlhf/pretrain_tiny.py's, the reward model and PPO from rlhf/sft.py:tiny's, PPO
@@ -51,6 +56,7 @@ from gpt_jax import babygpt, finetune, metrics, rlhf, train
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
 from gpt_jax import reference as ref_lib
+from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.data import pipeline
 from gpt_jax.rlhf import ppo, reward, sft
 from gpt_jax.workdir import Workdir
@@ -129,7 +135,58 @@ class Runs:
         ref = ref_lib.Reference(spec, spec, stage_of(paper))
         cfg = ref_lib.reference_config(ref, self.data_dir, steps=STEPS)
         cfg.train.update(dict(eval_at_start=False, eval_batches=1))
+        d = cfg.data
+        if d.source == "hf" and d.hf_path == "parquet":  # the module docstring's stand-ins
+            d.hf_data_files = self.web_text()
+            if d.val_split_rule == "first":
+                d.val_docs = 4
+        if d.tokenizer == "gpt2":
+            d.tokenizer_path = self.byte_bpe()
         return cfg
+
+    def web_text(self) -> str:
+        """A parquet file in FineWeb's schema: 48 stdlib modules of 2-50 kB, 8,000
+        characters of each; returns its path."""
+        import pyarrow as pa  # optional, heavy: the [data] extra (parquet sources)
+        import pyarrow.parquet as pq
+
+        path = os.path.join(self.data_dir, "web_text", "000_00000.parquet")
+        with locked(os.path.join(self.data_dir, "web_text")):
+            if not os.path.exists(path):
+                root = sysconfig.get_paths()["stdlib"]
+                files = [p for p in sorted(glob.glob(os.path.join(root, "*.py")))
+                         if 2_000 <= os.path.getsize(p) <= 50_000][:48]
+                texts = [open(p, encoding="utf-8").read()[:8000] for p in files]
+                n = len(texts)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                pq.write_table(pa.table({
+                    "text": texts, "id": [f"<urn:uuid:{i}>" for i in range(n)],
+                    "dump": ["CC-MAIN-2024-10"] * n,
+                    "url": [f"https://example.org/{os.path.basename(p)}" for p in files],
+                    "date": ["2024-02-21T00:00:00Z"] * n,
+                    "file_path": ["s3://commoncrawl/crawl-data/0.warc.gz"] * n,
+                    "language": ["en"] * n,
+                    "language_score": pa.array([0.9] * n, pa.float64()),
+                    "token_count": pa.array([len(t.encode()) for t in texts], pa.int64())}),
+                    path + ".tmp", row_group_size=16)
+                os.replace(path + ".tmp", path)
+        return path
+
+    def byte_bpe(self) -> str:
+        """vocab.json + merges.txt in GPT-2's format: the 256 byte symbols and
+        <|endoftext|>, no merges (every byte its own token); returns the directory."""
+        out = os.path.join(self.data_dir, "gpt2_bytes")
+        with locked(out):
+            if not os.path.exists(os.path.join(out, tokenizer_lib.GPT2_VOCAB_FILE)):
+                os.makedirs(out, exist_ok=True)
+                symbols = sorted(tokenizer_lib.bytes_to_unicode().values())
+                vocab = {c: i for i, c in enumerate(symbols)}
+                vocab[tokenizer_lib.EOT] = len(vocab)
+                with open(os.path.join(out, tokenizer_lib.GPT2_MERGES_FILE), "w") as f:
+                    f.write("#version: 0.2\n")
+                with open(os.path.join(out, tokenizer_lib.GPT2_VOCAB_FILE), "w") as f:
+                    json.dump(vocab, f)
+        return out
 
     def _train(self, spec: str, workdir: str) -> None:
         cfg = self.config(spec)
@@ -260,13 +317,14 @@ LOOP = tuple(f"train.{k}" for k in ("batch_size", "microbatches", "steps", "toke
                                     "log_every", "eval_every", "eval_batches", "eval_at_start",
                                     "ckpt_every", "keep", "sample_tokens"))
 WHERE = ("data.data_dir", "data.token_dir", "data.store", "data.num_workers",
-         "data.tokenizer_train_chars", "data.text_glob", "mesh.cpu_devices")
+         "data.tokenizer_train_chars", "data.text_glob", "mesh.cpu_devices",
+         "data.hf_data_files", "data.tokenizer_path", "data.val_docs")
 STAGE_DATA = tuple(f"{s}.{k}" for s, keys in (
     ("finetune", ("tfds_name", "train_jsonl", "val_jsonl", "max_len", "epochs")),
     ("sft", ("train_jsonl", "max_len", "epochs")),
     ("reward", ("train_jsonl", "demo_jsonl", "max_len", "epochs")),
-    ("ppo", ("prompts_jsonl", "eval_prompts_jsonl", "reward_workdir", "iterations",
-             "rollout_batch", "max_prompt_len", "response_len", "ptx_context")))
+    ("ppo", ("prompts_jsonl", "eval_prompts_jsonl", "test_prompts_jsonl", "reward_workdir",
+             "iterations", "rollout_batch", "max_prompt_len", "response_len", "ptx_context")))
     for k in keys)
 
 
@@ -290,8 +348,10 @@ def test_smoke_copy_keeps_the_structure(spec, tmp_path):
         assert m.window / m.context == p.window / p.context
         assert (m.d_model, m.n_layer, m.context) == (32, 2, 32 if spec != "rlhf/pretrain_tiny.py"
                                                     else 48)
-        # a character vocabulary keeps the config's size: it must hold the corpus
-        assert m.vocab_size == (p.vocab_size if paper.data.tokenizer == "char" else 512)
+        # a character vocabulary keeps the config's size: it must hold the corpus; GPT-2's
+        # BPE (its byte-level stand-in) keeps GPT-2's 50,257 rows
+        assert m.vocab_size == (p.vocab_size if paper.data.tokenizer in ("char", "gpt2")
+                                else 512)
     if paper.train.microbatches > 1:
         assert small.train.microbatches > 1 and bool(small.optim.batch_ramp_tokens) == bool(
             paper.optim.batch_ramp_tokens)
@@ -314,7 +374,7 @@ def test_every_experiment_and_variant_is_a_case():
     assert ref_lib.experiment_module("finetune/jsonl.py").VARIANTS == finetune.TASK_TYPES
     for name in ("gpt2.py", "gpt3.py"):
         module = ref_lib.experiment_module(name)
-        assert module.VARIANTS == tuple(module.SIZES)
+        assert module.VARIANTS == tuple(module.SIZES) + getattr(module, "RECIPES", ())
     for r in ref_lib.REFERENCES.values():  # a reference curve's spec names a case
         path, _, variant = r.experiment.partition(":")
         default = inspect.signature(ref_lib.experiment_module(path).get_config).parameters

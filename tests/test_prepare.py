@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -390,6 +391,63 @@ def test_parquet_web_text_is_read_by_file_each_record_once(tmp_path):
     assert provenance["tokenizer_sha256"] == hashlib.sha256(tokenizer.read_bytes()).hexdigest()
     assert provenance["gpt_jax"] == importlib.metadata.version("gpt_jax")
     assert manifest["recipe"]["data"]["dedup"]["threshold"] == cfg.data.dedup.threshold
+
+
+def test_parquet_splits_as_the_peers_define_them(tmp_path):
+    """`data.val_split_rule` on FineWeb-schema parquet files: 'first' (llm.c's FineWeb: the
+    first documents are validation) and 'permutation' (nanoGPT's OpenWebText: the test split
+    of `datasets`' own train_test_split, the same documents), read in-process and by 2 Beam
+    workers alike; a rule a source cannot follow is refused naming the field."""
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "fineweb").mkdir()
+    texts = _fineweb_files(tmp_path / "fineweb", [40, 25, 50])
+    assert len(set(texts)) == len(texts)
+    cfg = config.base_config()
+    cfg.model.vocab_size, cfg.model.context = 256, 8
+    cfg.data.update(source="hf", hf_path="parquet", tokenizer="char", num_workers=1,
+                    hf_data_files=str(tmp_path / "fineweb" / "*.parquet"),
+                    data_dir=str(tmp_path / "data"), shard_tokens=2048)
+    hashed = data.make_source(config.validate(cfg.copy_and_resolve_references()))
+
+    cfg.data.update(val_split_rule="first", val_docs=30)
+    source = data.make_source(config.validate(cfg.copy_and_resolve_references()))
+    assert list(source.docs("val")) == texts[:30]  # across the first file's end
+    assert list(source.docs("train")) == texts[30:]
+    assert source.key != hashed.key  # another split, other token caches
+
+    # nanoGPT's prepare.py: train_test_split(test_size=0.0005, seed=2357, shuffle=True); here
+    # 0.05 of the first 80 documents, so that 4 are validation
+    cfg.data.update(val_split_rule="permutation", val_fraction=0.05, val_split_seed=2357,
+                    hf_max_docs=80, val_docs=0)
+    source = data.make_source(config.validate(cfg.copy_and_resolve_references()))
+    peer = datasets.Dataset.from_dict({"text": texts[:80]}).train_test_split(
+        test_size=0.05, seed=2357, shuffle=True)
+    val = list(source.docs("val"))
+    assert len(val) == math.ceil(0.05 * 80) == len(peer["test"])
+    assert sorted(val) == sorted(peer["test"]["text"])
+    assert sorted(source.docs("train")) == sorted(peer["train"]["text"])
+    manifest = pipeline.run(cfg, str(tmp_path / "store"), BEAM_2_WORKERS[1:])
+    assert manifest["sources"]["hf"]["splits"] == \
+        data.prepare(cfg).store.manifest["sources"]["hf"]["splits"]
+    assert manifest["sources"]["hf"]["splits"]["val"]["num_docs"] == 4
+
+    for fields, needle in (
+            (dict(val_split_rule="first", val_docs=0), "data.val_docs=0 must be >= 1"),
+            (dict(val_split_rule="shuffled"), "data.val_split_rule='shuffled' is not one of"),
+            (dict(val_split_rule="first", val_docs=3, source="stdlib"),
+             "data.val_split_rule='first' applies only to parquet files"),
+            (dict(val_split_seed=-1), "data.val_split_seed=-1 must be an integer >= 0")):
+        bad = cfg.copy_and_resolve_references()
+        bad.data.update(fields)
+        with pytest.raises(config.ConfigError, match=needle.replace("(", r"\(")) as e:
+            config.validate(bad)
+        assert "\n" not in str(e.value)
+    # a source of a mixture is checked where it is made (validate sees only data.*)
+    mixed = cfg.copy_and_resolve_references()
+    mixed.data.update(source="hf", hf_path="json", hf_data_files="x.jsonl",
+                      val_split_rule="first", val_docs=3)
+    with pytest.raises(config.ConfigError, match="applies only to parquet files"):
+        data.make_source(mixed)
 
 
 def test_hugging_face_files_are_read_by_shard_each_record_once(tmp_path):

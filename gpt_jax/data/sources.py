@@ -20,6 +20,11 @@ relative to its root (the stdlib for 'stdlib'; for 'text' the glob's leading dir
 `text/*.txt` and `/abs/path/text/*.txt` split alike) against `data.val_fraction`; both splits
 are guaranteed non-empty. With `data.val_glob` the 'text' validation files are named instead.
 Record sources ('tfds' without `tfds_val_split`, 'hf') split by the hash of the record index.
+Parquet files may instead split as a peer's recipe does (`data.val_split_rule`, `route`):
+'first' makes the first `data.val_docs` records validation (llm.c's fineweb.py: its first
+shard of 100M tokens), 'permutation' the first ceil(val_fraction * n) of
+`np.random.default_rng(data.val_split_seed).permutation(n)` (nanoGPT's prepare.py through
+Hugging Face `datasets`' train_test_split, whose code this is).
 
 Each document has an index (its position in the source's fixed order), so the in-process
 tokenizer and the Beam pipeline (`data.pipeline`) write the same tokens in the same order.
@@ -28,10 +33,12 @@ tokenizer and the Beam pipeline (`data.pipeline`) write the same tokens in the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -42,7 +49,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from gpt_jax.config import ConfigError
+from gpt_jax.config import VAL_SPLIT_RULES, ConfigError
 
 SPLITS = ("train", "val")
 SPLIT_NAMES = {"train": "training", "val": "validation"}
@@ -555,21 +562,61 @@ def split_key(d: ml_collections.ConfigDict) -> str:
     return f"{d.hf_path}/{d.hf_split}"
 
 
+@functools.lru_cache(maxsize=4)
+def permutation_val(seed: int, n: int, val_fraction: float) -> frozenset[int]:
+    """Indices of the validation records of `datasets.Dataset.train_test_split(test_size=
+    val_fraction, seed=seed, shuffle=True)` over n records: the first ceil(val_fraction * n)
+    of numpy's default_rng(seed).permutation(n), as its code computes them (datasets 5.2)."""
+    n_val = math.ceil(val_fraction * n)
+    return frozenset(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+
+
+def route(d: ml_collections.ConfigDict, shard: dict[str, Any], index: int) -> str:
+    """'train' or 'val' for record `index` of a parquet shard under `data.val_split_rule`:
+    'hash' (the hash of the index), 'first' (index < data.val_docs) or 'permutation'
+    (`permutation_val` over the source's `total` records)."""
+    rule = d.get("val_split_rule", "hash")
+    if rule == "first":
+        return "val" if index < d.val_docs else "train"
+    if rule == "permutation":
+        val = permutation_val(d.val_split_seed, shard["total"], d.val_fraction)
+        return "val" if index in val else "train"
+    return record_split(split_key(d), index, d.val_fraction)
+
+
+def check_split_rule(d: ml_collections.ConfigDict, field: str = "data.val_split_rule") -> None:
+    """ConfigError unless `data.val_split_rule` is one this source can follow: the peers'
+    rules need the global record order and count that only parquet files' footers give."""
+    rule = d.get("val_split_rule", "hash")
+    if rule not in VAL_SPLIT_RULES:
+        raise ConfigError(f"{field}={rule!r} is not one of {list(VAL_SPLIT_RULES)}")
+    if rule != "hash" and not (d.source == "hf" and d.hf_path == "parquet"
+                               and d.hf_data_files):
+        raise ConfigError(f"{field}={rule!r} applies only to parquet files (data.source='hf', "
+                          "data.hf_path='parquet', data.hf_data_files); 'hash' splits any source")
+
+
 def shard_records(d: ml_collections.ConfigDict, shard: dict[str, Any]
                   ) -> Iterator[tuple[int, str, str]]:
     """(record index, 'train' or 'val', text) of one shard of a record source: routed by the
-    shard (a TFDS split of its own) or by the hash of the record's index."""
-    route = shard.get("route")
+    shard (a TFDS split of its own), by `route` for a parquet file, or by the hash of the
+    record's index."""
+    fixed = shard.get("route")
     key = tfds_split_key(d) if "tfds_split" in shard else split_key(d)
     for index, text in read_shard(d, shard):
-        yield index, route or record_split(key, index, d.val_fraction), text
+        if fixed:
+            yield index, fixed, text
+        elif "file" in shard:
+            yield index, route(d, shard, index), text
+        else:
+            yield index, record_split(key, index, d.val_fraction), text
 
 
 def parquet_source(d: ml_collections.ConfigDict) -> Source:
     """Parquet files (`data.hf_path='parquet'`, `data.hf_data_files`: local, gs:// or
     hf://datasets/... globs; FineWeb, FineWeb-Edu and OpenWebText ship this layout), read
     by file: each worker reads its own files, each record once, routed to train or
-    validation by the hash of its index."""
+    validation by `route` (`data.val_split_rule`)."""
     files = _match_files(d.hf_data_files)
     if not files:
         raise ConfigError(f"data.hf_data_files={d.hf_data_files!r} matches no files")
@@ -579,6 +626,13 @@ def parquet_source(d: ml_collections.ConfigDict) -> Source:
             "text_field": d.hf_text_field, "max_docs": d.hf_max_docs,
             "val_fraction": d.val_fraction,
             "digest": hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()}
+    rule = d.get("val_split_rule", "hash")
+    if rule == "first":  # 'hash' keeps the description (and the cache keys) it always had
+        desc.update(val_split_rule=rule, val_docs=d.val_docs)
+    elif rule == "permutation":
+        total = sum(s["rows"] for s in shards)
+        shards = [dict(s, total=total) for s in shards]
+        desc.update(val_split_rule=rule, val_split_seed=d.val_split_seed)
     docs = _sharded_docs(d, shards)
     return Source(desc, docs, lambda max_chars: docs("train"), shards=shards, inputs=inputs)
 
@@ -657,6 +711,7 @@ def source_specs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.Con
 
 def make_source_from(d: ml_collections.ConfigDict, field: str = "data.source") -> Source:
     """The `Source` that the data fields `d` describe (`field` names `d.source` in errors)."""
+    check_split_rule(d, field.rsplit(".", 1)[0] + ".val_split_rule")
     if d.source == "stdlib":
         return stdlib_source(d.val_fraction, d.seed)
     if d.source == "text":
