@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec
 
-from gpt_jax import sharding
+from gpt_jax import precision, sharding
 from gpt_jax.config import ConfigError
 
 Array = jax.Array
@@ -143,8 +143,8 @@ def attend(q_BxTxHxD: Array, k_BxSxHxD: Array, v_BxSxHxD: Array, mask_BxTxS: Arr
         band = band_mask(jnp.arange(t) + s - t, jnp.arange(s), local_window_size[0] + 1)
         mask = band[None, None] if mask is None else mask & band
     depth = q_BxTxHxD.shape[-1]
-    logits_BxHxTxS = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD,
-                                preferred_element_type=jnp.float32) / jnp.sqrt(depth)
+    logits_BxHxTxS = precision.einsum_f32("bthd,bshd->bhts", q_BxTxHxD,
+                                          k_BxSxHxD) / jnp.sqrt(depth)
     if is_causal:
         t, s = logits_BxHxTxS.shape[-2:]
         causal = jnp.tril(jnp.ones((t, s), bool), k=s - t)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gpt_jax import attention, sharding
+from gpt_jax import attention, precision, sharding
 
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -236,10 +236,11 @@ class GPT(nn.Module):
 
 
 def unembed(x_BxTxD: Array, embedding_VxD: Array, cfg: ml_collections.ConfigDict) -> Array:
-    """Tied unembedding in the compute dtype, accumulated and returned in float32."""
+    """Tied unembedding in the compute dtype, accumulated and returned in float32
+    (its gradients in the compute dtype: `precision.einsum_f32`)."""
     dtype = DTYPES[cfg.dtype]
-    return jnp.einsum("btd,vd->btv", x_BxTxD.astype(dtype), embedding_VxD.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return precision.einsum_f32("btd,vd->btv", x_BxTxD.astype(dtype),
+                                embedding_VxD.astype(dtype))
 
 
 def init_params(cfg: ml_collections.ConfigDict, rng: Array) -> Any:

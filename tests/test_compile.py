@@ -110,7 +110,9 @@ jax.config.update("jax_platforms", "cpu")
 from gpt_jax import compile as c
 cfg = c.apply_overrides(c.load_config("experiments/tiny.py:char"), {
     "model.context": 32, "model.n_layer": 2, "model.n_head": 4, "model.d_model": 128,
-    "model.d_ff": 512, "train.batch_size": 16, "mesh.model": 2, "mesh.fsdp": True})
+    "model.d_ff": 512, "train.batch_size": 16, "mesh.model": 2, "mesh.fsdp": True,
+    # AdamW: Muon's Newton-Schulz matmuls run once per step, outside the microbatch loop
+    "optim.optimizer": "adamw"})
 variants = {"unrolled": {}, "microbatched": {"train.microbatches": 2},
             "scanned": {"model.scan_layers": True, "train.microbatches": 2}}
 out = {}
@@ -270,11 +272,12 @@ def test_one_chip_table():
 
 
 # bfloat16 end to end (the GPT-2 and GPT-3 training configs): every matmul of the train step
-# takes bfloat16 operands (the only float32 operands are the float32 cotangents of the
-# float32-accumulated scores and logits), params and Adam moments stay float32, and the
-# softmax statistics (max, exp, log) and the step's metrics are float32.
-DTYPES = """
-import collections, json, jax
+# takes bfloat16 operands, forward and backward (the scores' and logits' float32 cotangents
+# are rounded to bfloat16 before their gradient matmuls: gpt_jax/precision.py), in the
+# jaxpr and in the lowered HLO; params and Adam moments stay float32, and the softmax
+# statistics (max, exp, log) and the step's metrics are float32.
+DTYPES = r"""
+import collections, json, re, jax
 from jax.extend import core
 from gpt_jax import compile as c, loop, sharding
 small = {"model.context": 32, "model.n_layer": 2, "model.n_head": 2, "model.d_model": 64,
@@ -298,8 +301,12 @@ for spec, dtype in (("experiments/gpt2.py:small", {}), ("experiments/gpt3.py:sma
                         walk(getattr(sub, "jaxpr", sub))
     walk(jaxpr)
     state, metrics = jax.eval_shape(trainer.train_step, *c.abstract_inputs(trainer))
-    out[spec] = {"ops": seen, "state": sorted({str(x.dtype) for x in jax.tree.leaves(
-        (state["params"], state["opt_state"])) if x.ndim}),
+    hlo = trainer.train_step.lower(*c.abstract_inputs(trainer)).as_text()
+    hlo_dots = collections.Counter(
+        " x ".join(re.findall(r"x(bf16|f32)>", m.group(1))) + " -> " + m.group(2)
+        for m in re.finditer(r"stablehlo.dot_general.*: \((.*)\) -> tensor<.*x(bf16|f32)>", hlo))
+    out[spec] = {"ops": seen, "hlo_dots": hlo_dots, "state": sorted({
+        str(x.dtype) for x in jax.tree.leaves((state["params"], state["opt_state"])) if x.ndim}),
         "metrics": {k: str(v.dtype) for k, v in metrics.items()}}
 print(json.dumps(out))
 """
@@ -312,10 +319,12 @@ def test_bfloat16_compute_float32_state_and_statistics():
         ops = r["ops"]
         dots = {k: n for k, n in ops.items() if k.startswith("dot_general")}
         assert dots.get("dot_general bfloat16xbfloat16 -> bfloat16", 0) > 0, (spec, dots)
-        f32_out = dots.get("dot_general bfloat16xbfloat16 -> float32", 0)  # scores, logits
-        assert f32_out >= 1, (spec, dots)
-        assert dots.get("dot_general bfloat16xfloat32 -> float32", 0) <= 2 * f32_out, dots
-        assert "dot_general float32xfloat32 -> float32" not in dots, (spec, dots)
+        assert dots.get("dot_general bfloat16xbfloat16 -> float32", 0) >= 2, (spec, dots)
+        assert set(dots) == {"dot_general bfloat16xbfloat16 -> bfloat16",
+                             "dot_general bfloat16xbfloat16 -> float32"}, (spec, dots)
+        hlo_dots = r["hlo_dots"]  # the same in the HLO the compiler is given
+        assert set(hlo_dots) == {"bf16 x bf16 -> bf16", "bf16 x bf16 -> f32"}, (spec, hlo_dots)
+        assert sum(hlo_dots.values()) == sum(dots.values()), (spec, hlo_dots, dots)
         stats = [k for k in ops if not k.startswith("dot_general")]
         assert stats and all(k.endswith("float32 -> float32") and "bfloat16" not in k
                              for k in stats), (spec, stats)
