@@ -236,11 +236,11 @@ def _plot_goodput(line_ax: Axes, bar_ax: Axes, runs: Sequence[Run],
         left = [sum(np.nan_to_num(breakdown[r][c]) for c in goodput.CATEGORIES[:j])
                 for r in labels]
         if labels:
-            bar_ax.barh(labels, widths, left=left, color=f"C{j % 10}", label=category)
-    bar_ax.set_xlabel("seconds, all attempts (last goodput row)")
-    bar_ax.set_title("where the wall time went", fontsize="medium")
-    if labels:
-        bar_ax.legend(fontsize="small")
+            bar_ax.barh(labels, widths, left=left, height=0.5, color=f"C{j % 10}",
+                        label=category)
+    bar_ax.set_xlabel("where the wall time went: seconds, all attempts (last goodput row)")
+    if labels:  # above the bars, not over them
+        bar_ax.legend(fontsize="small", ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     else:
         for ax in (line_ax, bar_ax):
             ax.text(0.5, 0.5, "no goodput recorded", ha="center", va="center",
