@@ -6,8 +6,8 @@ fastest layout that fits, found by compiling the candidates ahead of time.
    on/off, the remat policies, microbatch counts that keep the global batch and divide
    over the data axis, and the attention kernel (XLA; splash with 512 or 1024 blocks,
    unless attention dropout is on: the kernels have none, and dropout is the recipe's).
-   `model.scan_layers` stays as the config has it (unrolled GPT-3 steps take hours to
-   compile), as do dtypes and the batch.
+   `model.scan_layers` stays as the config has it unless `--scan_layers=both` (unrolled
+   GPT-3 steps take hours to compile), as do dtypes and the batch.
 2. Prune before compiling (`state_bytes`): a layout whose float32 params + Adam moments
    alone exceed the HBM left after the headroom is never compiled.
 3. Compile the rest with `compile.compile_train_step` in worker processes (spawned, each
@@ -46,7 +46,9 @@ GIB = 1024**3
 REMATS = ("none", "dots_with_no_batch_dims_saveable", "dots_saveable", "full")
 # (attention_impl, splash block size): the kernels tried on TPUs
 KERNELS = (("splash", 512), ("splash", 1024), ("xla", None))
-STATE_BYTES_PER_PARAM = 12  # float32 params + Adam's two float32 moments
+# float32 params + Adam's two float32 moments; Muon keeps one moment for the hidden matrices,
+# so 8 bytes is its lower bound (its embeddings keep Adam's two)
+STATE_BYTES_PER_PARAM = {"adamw": 12, "muon": 8}
 # How far apart two step estimates must be before one is called faster: the roofline's
 # error against measured steps is not known better than this (README, AOT notes).
 ESTIMATE_ERROR = 0.15
@@ -81,8 +83,9 @@ class Candidate:
         s = self.settings
         kernel = s["model.attention_impl"] + (
             f"/{s['model.splash_block_q']}" if s["model.attention_impl"] == "splash" else "")
+        scan = {True: " scanned", False: " unrolled"}.get(s.get("model.scan_layers"), "")
         return (f"model={s['mesh.model']} fsdp={s['mesh.fsdp']} remat={s['model.remat']} "
-                f"micro={s['train.microbatches']} {kernel}")
+                f"micro={s['train.microbatches']} {kernel}{scan}")
 
 
 def padded_vocab(vocab: int, model: int) -> int:
@@ -91,15 +94,23 @@ def padded_vocab(vocab: int, model: int) -> int:
     return vocab if vocab % model == 0 else -(-vocab // step) * step
 
 
-def candidates(cfg: ml_collections.ConfigDict, topo: Topology) -> list[Candidate]:
-    """Every layout worth compiling for `cfg` on `topo` (module docstring, step 1)."""
+def candidates(cfg: ml_collections.ConfigDict, topo: Topology,
+               both_scans: bool = False) -> list[Candidate]:
+    """Every layout worth compiling for `cfg` on `topo` (module docstring, step 1); with
+    `both_scans`, each with scanned and with unrolled layers (a `model.scan_layers`
+    override on every candidate), where the model can scan (alternating attention scans
+    dense/banded pairs: an even layer count)."""
     m, t, n = cfg.model, cfg.train, topo.num_chips
+    scans: tuple[bool | None, ...] = (None,)
+    if both_scans:
+        can_scan = m.attention_pattern != "alternating" or m.n_layer % 2 == 0
+        scans = (False, True) if can_scan else (False,)
     out = []
     models = [d for d in (2**i for i in range(int(math.log2(n)) + 1)) if m.n_head % d == 0]
     # the kernels have no attention dropout: with it on, splash would compile the XLA path
     kernels = [k for k in KERNELS if k[0] == "xla" or not m.get("attn_pdrop", 0.0)]
-    for model, fsdp, remat, (kernel, block) in itertools.product(
-            models, (False, True), REMATS, kernels):
+    for model, fsdp, remat, (kernel, block), scan in itertools.product(
+            models, (False, True), REMATS, kernels, scans):
         data = n // model
         if fsdp and data == 1:
             continue
@@ -115,18 +126,21 @@ def candidates(cfg: ml_collections.ConfigDict, topo: Topology) -> list[Candidate
                 overrides += [("model.splash_block_q", block), ("model.splash_block_kv", block)]
             if padded_vocab(m.vocab_size, model) != m.vocab_size:
                 overrides.append(("model.vocab_size", padded_vocab(m.vocab_size, model)))
+            if scan is not None:
+                overrides.append(("model.scan_layers", scan))
             out.append(Candidate(tuple(overrides)))
     return out
 
 
 def state_bytes(cfg: ml_collections.ConfigDict, topo: Topology, cand: Candidate,
                 n_params: int) -> float:
-    """Params + Adam moments per chip (float32): split over `model`, and over `data` too
-    under FSDP. A lower bound on what the step needs (no activations, no gradients)."""
+    """Params + optimizer moments per chip (float32): split over `model`, and over `data`
+    too under FSDP. A lower bound on what the step needs (no activations, no gradients)."""
     s = cand.settings
     n = n_params + (s.get("model.vocab_size", cfg.model.vocab_size) - cfg.model.vocab_size
                     ) * cfg.model.d_model
-    return n * STATE_BYTES_PER_PARAM / (topo.num_chips if s["mesh.fsdp"] else s["mesh.model"])
+    per_param = STATE_BYTES_PER_PARAM[cfg.optim.get("optimizer", "adamw")]
+    return n * per_param / (topo.num_chips if s["mesh.fsdp"] else s["mesh.model"])
 
 
 # Activation bytes kept per token per layer, in units of d_model, by remat policy:
@@ -155,7 +169,8 @@ def order_key(cfg: ml_collections.ConfigDict, topo: Topology, cand: Candidate,
     """Compile order under a budget: layouts that look like they fit first, then by a guess
     at their speed (remat's recompute, microbatch loop overhead, splash before XLA)."""
     s = cand.settings
-    est = state_bytes(cfg, topo, cand, n_params) * 16 / STATE_BYTES_PER_PARAM  # + f32 grads
+    per_param = STATE_BYTES_PER_PARAM[cfg.optim.get("optimizer", "adamw")]
+    est = state_bytes(cfg, topo, cand, n_params) * (per_param + 4) / per_param  # + f32 grads
     fits = est + activation_bytes(cfg, topo, cand) <= topo.chip.hbm_gib * GIB
     speed = (REMAT_COST[s["model.remat"]] * (1 + 0.02 * s["train.microbatches"])
              * (1 + 0.05 * (s["model.attention_impl"] == "xla")) * (1 + 0.02 * s["mesh.model"]))
@@ -245,7 +260,7 @@ def rank(results: list[Result], headroom: float) -> tuple[list[Result], list[Res
 
 def plan(cfg: ml_collections.ConfigDict, topo: Topology, *, budget_s: float = 3600,
          max_candidates: int = 24, workers: int = 2, headroom: float = 0.05,
-         cache_dir: str | None = None, log: Any = print) -> Plan:
+         cache_dir: str | None = None, log: Any = print, both_scans: bool = False) -> Plan:
     """Enumerates, prunes, compiles (in `workers` processes, cached) and ranks."""
     if topo.chip is None:
         raise config_lib.ConfigError(f"--topology={topo.name}: the plan ranks by a TPU chip's "
@@ -253,7 +268,7 @@ def plan(cfg: ml_collections.ConfigDict, topo: Topology, *, budget_s: float = 36
     cfg = config_lib.validate(cfg)
     hbm = topo.chip.hbm_gib * GIB
     n_params = model_lib.count_params(model_lib.unbox(model_lib.abstract_params(cfg.model)))
-    all_cands = candidates(cfg, topo)
+    all_cands = candidates(cfg, topo, both_scans)
     kept = sorted((c for c in all_cands
                    if state_bytes(cfg, topo, c, n_params) <= (1 - headroom) * hbm),
                   key=lambda c: order_key(cfg, topo, c, n_params))
@@ -407,6 +422,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_candidates", 24, "Compile at most this many layouts.")
     flags.DEFINE_integer("workers", 2, "Compile in this many worker processes.")
     flags.DEFINE_float("headroom", 0.05, "Fraction of HBM a fitting layout leaves free.")
+    flags.DEFINE_enum("scan_layers", "config", ["config", "both"], "'config': keep the "
+                      "config's model.scan_layers; 'both': try scanned and unrolled layers.")
     flags.DEFINE_string("cache_dir", os.path.expanduser("~/.cache/gpt_jax/plan"),
                         "Compile results cached here ('' for none).")
     flags.DEFINE_string("out", None, "Also write the plan as JSON to this path.")
@@ -461,7 +478,7 @@ def main(argv: list[str]) -> None:
         cases = TABLE if f.table_cases is None else tuple(TABLE[int(i)] for i in f.table_cases)
         write_table(f.table, cases, **kw)
         return
-    p = plan(f.config, topo, **kw)
+    p = plan(f.config, topo, **kw, both_scans=f.scan_layers == "both")
     print(format_plan(p, f.config, topo))
     if f.out:
         with open(f.out, "w") as out:

@@ -97,3 +97,28 @@ def test_plans_a_small_model_on_a_v5e_8(tmp_path):
     again = run_python(args)  # the cache answers: nothing compiled
     assert again.returncode == 0 and "compiling 0 (2 cached" in again.stderr, again.stderr
     assert again.stdout.strip().splitlines()[-1] == lines[-1]
+
+
+def test_both_scans_doubles_the_layouts_where_the_model_can_scan():
+    cfg, topo = gpt2_small(), chips.parse_topology("v5e-8")
+    plain = plan.candidates(cfg, topo)
+    both = plan.candidates(cfg, topo, both_scans=True)
+    assert len(both) == 2 * len(plain)
+    assert {c.settings["model.scan_layers"] for c in both} == {False, True}
+    assert len({c.label() for c in both}) == len(both)  # the label says which
+    assert {c.line().endswith(f"--config.model.scan_layers={c.settings['model.scan_layers']}")
+            for c in both} == {True}
+    gpt3 = compile_lib.apply_overrides(compile_lib.load_config("experiments/gpt3.py:small"),
+                                       {"model.n_layer": 3})  # alternating, odd: no scan
+    assert {c.settings["model.scan_layers"] for c in plan.candidates(gpt3, topo, True)} == {
+        False}
+
+
+def test_muon_state_bound_is_one_moment():
+    cfg, topo = gpt2_small(), chips.parse_topology("v5e-8")
+    n = model.count_params(model.unbox(model.abstract_params(cfg.model)))
+    cand = plan.candidates(cfg, topo)[0]
+    adam = plan.state_bytes(cfg, topo, cand, n)
+    muon = plan.state_bytes(compile_lib.apply_overrides(cfg, {"optim.optimizer": "muon"}),
+                            topo, cand, n)
+    assert muon == pytest.approx(adam * 8 / 12)
