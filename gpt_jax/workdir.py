@@ -6,6 +6,7 @@ file of a run is read and written through `etils.epath`, so the two behave the s
     config.json          the resolved config, (re)written only once restore and the
                          compatibility check have passed
     metrics.jsonl        one JSON object per line (`metrics.MetricsWriter`)
+    goodput.json         where each attempt's wall time went, across restarts (`goodput`)
     tb/                  TensorBoard events (tensorboardX, which writes gs:// itself)
     tokenizer.model | tokenizer.json | vocab.json + merges.txt
     checkpoints/<step>/  orbax checkpoints (`checkpoint.Checkpointer`; arrays via tensorstore),
