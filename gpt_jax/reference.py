@@ -346,10 +346,11 @@ def stage_config(ref: Reference, data_dir: str, steps: int = 0) -> ml_collection
                                                 os.path.join(data_dir, "prompts.jsonl")),
                       iterations=steps or STEPS, rollout_batch=2 * p.minibatches,
                       max_prompt_len=24, response_len=8, ptx_context=min(p.ptx_context, 48)))
-        if p.eval_prompts_jsonl:
-            p.eval_prompts_jsonl = _first_rows(
-                os.path.join(RLHF_DATA, "heldout_prompts.jsonl"), 2,
-                os.path.join(data_dir, "heldout_prompts.jsonl"))
+        for field, name in (("eval_prompts_jsonl", "valid_prompts.jsonl"),
+                            ("test_prompts_jsonl", "test_prompts.jsonl")):
+            if p[field]:
+                p[field] = _first_rows(os.path.join(RLHF_DATA, name), 2,
+                                       os.path.join(data_dir, name))
         _small_train(t, steps or STEPS, batch)
     else:
         raise ReferenceError(f"{ref.name}: unknown stage {ref.stage!r}")

@@ -143,7 +143,7 @@ def world(tmp_path_factory):
     cfg.train.update(dict(steps=150, batch_size=16, eval_every=150, ckpt_every=150,
                           sample_tokens=0))
     train.train(cfg, str(root / "pre"))
-    heldout = [json.loads(line) for line in open(paths["heldout_prompts.jsonl"])][:8]
+    heldout = [json.loads(line) for line in open(paths["valid_prompts.jsonl"])][:8]
     with open(root / "heldout.jsonl", "w") as f:
         for row in heldout:
             f.write(json.dumps({"prompt": row["prompt"] + "    return "}) + "\n")
@@ -181,8 +181,11 @@ def test_sft_reward_ppo_chain_with_held_out_evaluation(world, tmp_path):
     assert abs(reward.mean_reward(model_cfg, params, demos, 8, mesh)) < 1e-3
 
     c = experiment("rlhf/ppo", "tiny")
+    # The test report on the validation file itself: it must repeat the last validation
+    # evaluation exactly, so it is the final policy (and EMA, and SFT) on the named file.
     c.ppo.update(dict(prompts_jsonl=world["return_prompts"], reward_workdir=rm_dir,
-                      eval_prompts_jsonl=world["heldout"], eval_samples=2, iterations=2,
+                      eval_prompts_jsonl=world["heldout"], test_prompts_jsonl=world["heldout"],
+                      eval_samples=2, iterations=2,
                       rollout_batch=8, minibatches=2, max_prompt_len=32, response_len=8,
                       ptx_batch_size=4, ptx_context=16))
     c.train.update(dict(ckpt_every=1, eval_every=2))
@@ -207,6 +210,36 @@ def test_sft_reward_ppo_chain_with_held_out_evaluation(world, tmp_path):
     assert e["eval_target_count"] >= 0
     assert os.path.isdir(tmp_path / "ppo" / "policy" / "checkpoints")
     assert os.path.isdir(tmp_path / "ppo" / "policy_ema" / "checkpoints")
+    report = json.loads(open(tmp_path / "ppo" / ppo.TEST_REPORT).read())
+    assert report["test_prompts_jsonl"] == world["heldout"] and report["iterations"] == 2
+    for key in ("reward", "kl", "ended", "well_formed", "target_count", "loss"):
+        assert report[f"test_{key}"] == pytest.approx(evals[1][f"eval_{key}"], abs=1e-5), key
+        assert report[f"ema_test_{key}"] == pytest.approx(evals[1][f"ema_eval_{key}"],
+                                                          abs=1e-5), key
+        assert report[f"sft_test_{key}"] == pytest.approx(evals[0][f"eval_{key}"], abs=1e-5), key
+
+
+def test_prompt_splits_are_disjoint_and_ppo_tiny_tunes_on_validation_reports_on_test(tmp_path):
+    """make_data's train / validation / test prompts share no prompt and are the files in
+    experiments/rlhf/data; :tiny evaluates (tunes) on validation and reports on test."""
+    paths = _make_data().write(str(tmp_path))
+    split = {name: [json.loads(line)["prompt"] for line in open(paths[f"{name}.jsonl"])]
+             for name in ("prompts", "valid_prompts", "test_prompts")}
+    sets = {k: set(v) for k, v in split.items()}
+    assert len(sets["valid_prompts"]) == len(split["valid_prompts"]) == 75
+    assert len(sets["test_prompts"]) == len(split["test_prompts"]) == 75
+    for a, b in itertools.combinations(sets, 2):
+        assert not sets[a] & sets[b], (a, b)
+    assert set.union(*sets.values()) == set(_make_data().all_headers(with_x=True))
+    for name in ("prompts.jsonl", "valid_prompts.jsonl", "test_prompts.jsonl"):
+        shipped = os.path.join(REPO, "experiments", "rlhf", "data", name)
+        assert open(paths[name]).read() == open(shipped).read(), name  # deterministic
+    assert not os.path.exists(os.path.join(REPO, "experiments", "rlhf", "data",
+                                           "heldout_prompts.jsonl"))
+    p = experiment("rlhf/ppo", "tiny").ppo
+    assert p.prompts_jsonl.endswith("/prompts.jsonl")
+    assert p.eval_prompts_jsonl.endswith("/valid_prompts.jsonl")
+    assert p.test_prompts_jsonl.endswith("/test_prompts.jsonl")
 
 
 def test_ppo_raises_a_programmatic_reward_and_ptx_limits_drift(world, tmp_path):

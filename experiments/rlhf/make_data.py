@@ -9,9 +9,11 @@ A toy world of one-line Python functions, `def mix(x, y):\\n    return x * y + 1
   rankings.jsonl   {"prompt", "responses": K = 4..9 bodies, "ranking"}; every prompt has an
                    argument x, and the labeller's taste is: more occurrences of "x" is better
                    (rank 0 = most x's), an equal count is a tie
-  prompts.jsonl    {"prompt": ...} for PPO rollouts (each with an argument x)
-  heldout_prompts.jsonl  the 150 headers with an argument x that prompts.jsonl lacks
-                   (PPO's held-out evaluation)
+  prompts.jsonl    {"prompt": ...} for PPO rollouts (each with an argument x): the train split
+  valid_prompts.jsonl  75 of the 150 headers with an argument x that prompts.jsonl lacks:
+                   the validation split, for tuning (PPO's evaluation during training)
+  test_prompts.jsonl   the other 75: the test split, read once for PPO's final report and
+                   never for a choice
 
 Everything is a pure function of the seed, and the files total about 150 KB.
 """
@@ -64,7 +66,8 @@ def write(out: str, seed: int = 0) -> dict[str, str]:
     os.makedirs(os.path.join(out, "corpus"), exist_ok=True)
     names = [f"corpus/part{i}.txt" for i in range(PARTS)]
     paths = {name: os.path.join(out, name) for name in
-             (*names, "sft.jsonl", "rankings.jsonl", "prompts.jsonl", "heldout_prompts.jsonl")}
+             (*names, "sft.jsonl", "rankings.jsonl", "prompts.jsonl", "valid_prompts.jsonl",
+              "test_prompts.jsonl")}
     for part in range(PARTS):
         with open(paths[f"corpus/part{part}.txt"], "w") as f:
             for _ in range(1500 // PARTS):
@@ -86,9 +89,13 @@ def write(out: str, seed: int = 0) -> dict[str, str]:
             prompt = header(rng, with_x=True)
             seen.add(prompt)
             f.write(json.dumps({"prompt": prompt}) + "\n")
-    with open(paths["heldout_prompts.jsonl"], "w") as f:
-        for prompt in sorted(set(all_headers(with_x=True)) - seen):
-            f.write(json.dumps({"prompt": prompt}) + "\n")
+    unseen = sorted(set(all_headers(with_x=True)) - seen)
+    rng.shuffle(unseen)  # last: the files above keep the draws they had before the split
+    for name, split in (("valid_prompts.jsonl", unseen[:len(unseen) // 2]),
+                        ("test_prompts.jsonl", unseen[len(unseen) // 2:])):
+        with open(paths[name], "w") as f:
+            for prompt in sorted(split):
+                f.write(json.dumps({"prompt": prompt}) + "\n")
     return paths
 
 

@@ -102,8 +102,11 @@ def ppo_base() -> ml_collections.ConfigDict:
     # token it never scored in training: its score loses this much (TRL's missing_eos_penalty).
     p.missing_eot_penalty = 10.0
     p.ema_decay = 0.992  # policy EMA per update, evaluated alongside; 0 = none
-    # Held-out evaluation every train.eval_every iterations (and of the SFT policy first).
-    p.eval_prompts_jsonl = ""  # {"prompt": ...} per line; '' = no held-out evaluation
+    # Validation every train.eval_every iterations (and of the SFT policy first).
+    p.eval_prompts_jsonl = ""  # {"prompt": ...} per line, the validation split; '' = none
+    # The test split: evaluated once, after the last iteration (test_report.json), so no
+    # choice made while tuning (and no best-checkpoint pick) ever sees it; '' = none.
+    p.test_prompts_jsonl = ""
     p.eval_samples = 4  # responses per held-out prompt (temperature ppo.temperature)
     p.eval_rule = ""  # '' or one of ppo.RULES: the task's own well-formedness check
     p.eval_target = ""  # text whose count per response is reported (the toy's objective)

@@ -21,10 +21,13 @@ SIGTERM, metrics and checkpoints are the pretraining ones. Per iteration:
    plain PPO), then moves the policy EMA (`ppo.ema_decay`) towards the new policy.
 
 Every `train.eval_every` iterations (and at iteration 0, the SFT policy) the policy, and
-its EMA, answer the held-out prompts `ppo.eval_prompts_jsonl` (`ppo.eval_samples` each,
+its EMA, answer the validation prompts `ppo.eval_prompts_jsonl` (`ppo.eval_samples` each,
 the same keys every time): reward-model score, KL to SFT, fraction ending with eot,
 fraction well formed by `ppo.eval_rule` and the mean count of `ppo.eval_target`, in
-metrics.jsonl as `eval_*` and `ema_eval_*`.
+metrics.jsonl as `eval_*` and `ema_eval_*`; these are for tuning (and the loop's best
+checkpoint). After the last iteration the SFT policy, the final policy and its EMA answer
+the test prompts `ppo.test_prompts_jsonl` once, the same way: `<workdir>/test_report.json`
+(`sft_test_*`, `test_*`, `ema_test_*`), the numbers to report.
 
 The value model is `reward.ScalarModel` read at every position, initialised from the
 reward model's params (demonstration offset included); with a programmatic reward from the
@@ -64,6 +67,7 @@ from gpt_jax.workdir import POLICY_DIR, Workdir, open_run
 
 Array = jax.Array
 EMA_POLICY_DIR = "policy_ema"
+TEST_REPORT = "test_report.json"  # the test split's one evaluation, after the last iteration
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # rollout key streams
 
 
@@ -161,7 +165,8 @@ def build_steps(cfg: ml_collections.ConfigDict, value_cfg: ml_collections.Config
     differing only in coefficients or paths share compiled steps)."""
     key = cfg.copy_and_resolve_references()
     key.ppo.kl_coef = key.ppo.ptx_coef = key.ppo.missing_eot_penalty = 0.0  # traced
-    for field in ("prompts_jsonl", "eval_prompts_jsonl", "reward_workdir", "name"):
+    for field in ("prompts_jsonl", "eval_prompts_jsonl", "test_prompts_jsonl",
+                  "reward_workdir", "name"):
         if field in key.ppo:
             key.ppo[field] = ""
     return _build_steps(key.to_json(), value_cfg.to_json(), mesh, vocab, eot_id, target_id)
@@ -368,8 +373,11 @@ def gathered(x: Array) -> np.ndarray:
 def make_task(cfg: ml_collections.ConfigDict, value_cfg: ml_collections.ConfigDict,
               init_from: str, mesh: jax.sharding.Mesh, tok: tokenizer_lib.Tokenizer,
               prompts: list[list[int]], held_out: tuple[list[str], list[list[int]]] | None,
-              corpus: data_lib.Corpus | None, target_id: int | None) -> loop.Task:
-    """PPO-ptx as a loop Task: one step = one iteration (rollout, score, updates)."""
+              corpus: data_lib.Corpus | None, target_id: int | None
+              ) -> tuple[loop.Task, Callable[[Any, tuple], dict[str, float]]]:
+    """PPO-ptx as a loop Task: one step = one iteration (rollout, score, updates); and
+    `test(params, split)`, the test-split report, run after training on the same compiled
+    steps (outside the loop, so nothing the loop chooses ever sees it)."""
     p = cfg.ppo
     coefs = {"kl_coef": jnp.float32(p.kl_coef), "ptx_coef": jnp.float32(p.ptx_coef),
              "missing_eot_penalty": jnp.float32(p.missing_eot_penalty)}
@@ -427,8 +435,9 @@ def make_task(cfg: ml_collections.ConfigDict, value_cfg: ml_collections.ConfigDi
 
         return iteration
 
-    def evaluate_policy(policy: Any, prefix: str) -> dict[str, float]:
-        texts, ids = held_out
+    def evaluate_policy(policy: Any, prefix: str, split: tuple[list[str], list[list[int]]]
+                        ) -> dict[str, float]:
+        texts, ids = split
         rows = np.repeat(np.arange(len(ids)), p.eval_samples)
         b, s = p.rollout_batch, steps_of()
         cols: dict[str, list] = {"score": [], "kl": [], "ended": [], "tokens": [], "mask": []}
@@ -463,16 +472,27 @@ def make_task(cfg: ml_collections.ConfigDict, value_cfg: ml_collections.ConfigDi
         if held_out is None:
             return {}
         with sharding.activation_sharding(mesh):  # as in training: the same compiled steps
-            out = evaluate_policy(params["policy"], "eval_")
+            out = evaluate_policy(params["policy"], "eval_", held_out)
             if "ema" in params:
-                out.update(evaluate_policy(params["ema"], "ema_eval_"))
+                out.update(evaluate_policy(params["ema"], "ema_eval_", held_out))
         return out
 
-    return loop.Task(evaluate=evaluate,
+    def test(params: Any, split: tuple[list[str], list[list[int]]]) -> dict[str, float]:
+        """The SFT policy, `params`' policy and its EMA on the test split."""
+        steps_of()
+        with sharding.activation_sharding(mesh):
+            out = evaluate_policy(frozen["ref"], "sft_test_", split)
+            out.update(evaluate_policy(params["policy"], "test_", split))
+            if "ema" in params:
+                out.update(evaluate_policy(params["ema"], "ema_test_", split))
+        return out
+
+    task = loop.Task(evaluate=evaluate,
                      boxed_params=boxed_params(cfg, value_cfg), init_params=init_params,
                      optimizer=per_key(optimizers(cfg)), make_step=make_step,
                      tokens_per_step=p.rollout_batch * p.response_len,
                      extra_meta={"init_from": init_from, "reward_workdir": p.reward_workdir})
+    return task, test
 
 
 def optimizer_cfg(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -501,11 +521,20 @@ def train_ppo(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> d
                               f"axis ({mesh.shape['data']}) and hosts")
     _, prompts = read_prompts(cfg, "prompts_jsonl", tok)
     held_out = read_prompts(cfg, "eval_prompts_jsonl", tok) if p.eval_prompts_jsonl else None
+    test_split = read_prompts(cfg, "test_prompts_jsonl", tok) if p.test_prompts_jsonl else None
     target = target_token_id(cfg, tok)
     corpus = data_lib.prepare(cfg) if p.ptx_batch_size else None
     Workdir(workdir).save_tokenizer(tok)
-    task = make_task(cfg, value_cfg, init_from, mesh, tok, prompts, held_out, corpus, target)
+    task, test = make_task(cfg, value_cfg, init_from, mesh, tok, prompts, held_out, corpus,
+                           target)
     final, params, preempted = loop.run(cfg, workdir, mesh, task, **cli.run_options())
+    if not preempted and test_split is not None:
+        final.update(test(params, test_split))
+        if jax.process_index() == 0:
+            report = {k: v for k, v in final.items() if "test_" in k}
+            (Workdir(workdir) / TEST_REPORT).write_text(json.dumps(
+                {"test_prompts_jsonl": p.test_prompts_jsonl, "iterations": p.iterations,
+                 **report}, indent=1))
     if not preempted:
         export_policy(cfg, params["policy"], tok, Workdir(workdir) / POLICY_DIR, p.iterations)
         if "ema" in params:
@@ -515,7 +544,10 @@ def train_ppo(cfg: ml_collections.ConfigDict, init_from: str, workdir: str) -> d
         print(f"{cfg.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()
                                            if k in ("reward", "kl", "ended", "eval_reward",
                                                     "eval_kl", "eval_ended",
-                                                    "eval_well_formed", "eval_target_count")))
+                                                    "eval_well_formed", "eval_target_count",
+                                                    "test_reward", "test_kl", "test_ended",
+                                                    "test_well_formed",
+                                                    "test_target_count")))
     return final
 
 
