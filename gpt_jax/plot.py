@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
-from gpt_jax import cli, goodput, metrics, model, reference
+from gpt_jax import cli, goodput, metrics, model, published, reference
 from gpt_jax.workdir import Workdir
 
 WORKDIRS_ENV = "GPT_JAX_WORKDIRS"
@@ -275,6 +275,25 @@ def plot_reference(curves: Curves, curve: dict[str, Any]) -> list[Series]:
     return added
 
 
+def plot_published(curves: Curves, name: str) -> list[Any]:
+    """Overlays recipe `name`'s published validation losses (`gpt_jax.published`) on both
+    loss panels: a grey horizontal line at each, with a star at the tokens where the peer
+    reached it; returns (and adds) the artists."""
+    added: list[Any] = []
+    for end in published.endpoints(name):
+        if end.metric != "eval_loss":
+            continue  # no panel for task accuracies yet (published.py)
+        for panel in ("loss", "loss_log"):
+            ax = curves.axes[panel]
+            added.append(ax.axhline(end.value, color="grey", linestyle="-.", linewidth=1,
+                                    label=f"{end.label}: {end.value:g} ({end.source})"))
+            if end.tokens is not None:
+                added.append(ax.plot([end.tokens], [end.value], "*", color="grey",
+                                     markersize=10)[0])
+    curves.axes["loss"].legend(fontsize="x-small")
+    return added
+
+
 # ---------------------------------------------------------------- scaling
 
 
@@ -351,8 +370,10 @@ def define_flags() -> None:
     flags.DEFINE_enum("params", "non_embedding", list(PARAM_COUNTS),
                       "N in C = 6ND for the scaling fit.")
     flags.DEFINE_list("reference", [], "Pinned reference curves to overlay, dashed: names "
-                      "(`python -m gpt_jax.reference`, e.g. gpt2:small), JSON paths, or "
-                      "'auto' (each run's own, if it has the reference's size).")
+                      "(`python -m gpt_jax.reference`, e.g. gpt2:small), JSON paths, "
+                      "'auto' (each run's own, if it has the reference's size), or a "
+                      "recipe's published endpoints ('published:124m_fineweb', "
+                      "'published:124m_owt').")
     flags.mark_flags_as_required(["workdirs"])
     flags.FLAGS.set_default("verbosity", logging.WARNING)
 
@@ -360,9 +381,17 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
+    peers = [n for n in f.reference if n.startswith("published:")]
+    for name in peers:  # before any run is read
+        try:
+            published.endpoints(name)
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
     runs = load_runs(f.workdirs)
     curves = plot_curves(runs)
-    names = [n for n in f.reference if n != "auto"]
+    for name in peers:
+        plot_published(curves, name)
+    names = [n for n in f.reference if n != "auto" and n not in peers]
     if "auto" in f.reference:
         names += [n for n in map(reference.for_run, (r.config for r in runs))
                   if n and n not in names]
@@ -370,7 +399,8 @@ def main(argv: list[str]) -> None:
         plot_reference(curves, reference.read(name))
     save_figure(curves.figure, f.out)
     print(f"wrote {f.out}: {', '.join(r.label for r in runs)}"
-          + (f"; reference curves {', '.join(names)}" if names else ""))
+          + (f"; reference curves {', '.join(names)}" if names else "")
+          + (f"; published endpoints {', '.join(peers)}" if peers else ""))
     if f.scaling_out:
         scaling = plot_scaling(runs, f.params)
         save_figure(scaling.figure, f.scaling_out)

@@ -188,3 +188,20 @@ def test_cli_writes_figures(workdirs, tmp_path):
     assert printed, out.stdout
     np.testing.assert_allclose(float(printed[1]), fit.a, rtol=1e-3)
     np.testing.assert_allclose(float(printed[2]), fit.b, atol=1e-4)
+
+
+def test_published_endpoints_overlay_both_loss_panels(workdirs):
+    curves = plot.plot_curves(plot.load_runs(workdirs))
+    added = plot.plot_published(curves, "published:124m_owt")
+    for panel in ("loss", "loss_log"):
+        lines = [a for a in added if a in curves.axes[panel].lines]
+        levels = sorted(float(a.get_ydata()[0]) for a in lines
+                        if a.get_linestyle() == "-.")
+        assert levels == [2.85, 3.12]  # nanoGPT's 124M, OpenAI's 124M on OpenWebText
+        stars = [a for a in lines if a.get_marker() == "*"]
+        assert [(float(a.get_xdata()[0]), float(a.get_ydata()[0])) for a in stars] == [
+            (600_000 * 491_520, 2.85)]  # nanoGPT's 600k iterations of 491,520 tokens
+    texts = [t.get_text() for t in curves.axes["loss"].get_legend().get_texts()]
+    assert any(t.endswith(": 2.85 (karpathy/nanoGPT README)") for t in texts), texts
+    with pytest.raises(ValueError, match="published:124m_fineweb, published:124m_owt"):
+        plot.plot_published(curves, "published:nope")
