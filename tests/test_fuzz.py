@@ -70,7 +70,7 @@ FRACTIONS = ("model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop", "optim
              "data.dedup.threshold", "train.sample_top_p", "optim.muon_momentum")
 CHOICES = ("model.norm", "model.attention_pattern", "model.dtype", "model.remat",
            "model.attention_impl", "optim.schedule", "optim.optimizer", "data.source",
-           "data.tokenizer")
+           "data.tokenizer", "data.val_split_rule")
 
 
 def documented_commands() -> list[str]:
