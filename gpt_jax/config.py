@@ -98,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_every = 100
     t.eval_batches = 4
     t.eval_at_start = True  # evaluate before the first step too (nanoGPT): curves start at init
+    # Task files (docs/evaluate.md; comma-separated) scored zero-shot at every evaluation, on
+    # their first eval_task_limit examples (0: all), logged as '<task>/<metric>' rows.
+    t.eval_tasks = ""
+    t.eval_task_limit = 100
     t.ckpt_every = 200
     t.keep = 2
     # A trainer's lease on its workdir (gpt_jax/lease.py) whose heartbeat is older than
@@ -259,6 +263,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = _get(cfg, field)
         if not isinstance(value, int) or value < 1:
             _fail(field, value, "must be a positive integer")
+    limit = t.get("eval_task_limit", 0)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        _fail("train.eval_task_limit", limit, "must be an integer >= 0 (0: every example)")
     overlap = t.get("full_eval_overlap", 0.0)
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or \
             not 0 <= overlap < 1:

@@ -10,6 +10,7 @@ step boundary and exits 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from absl import flags
 from gpt_jax import cli, loop, sample, sharding, steps
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
+from gpt_jax import evaluate as evaluate_lib
 from gpt_jax import model as model_lib
 from gpt_jax.data import compress
 from gpt_jax.flops import flops_per_token
@@ -65,6 +67,36 @@ def make_evaluate(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
         out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_bpb": bpb}
         if len(losses) > 1:
             out.update({f"eval_loss/{n}": v for n, v in losses.items()})
+        return out
+
+    return evaluate
+
+
+def make_task_evaluate(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       tokenizer: Any) -> Callable[[Any], dict[str, float]] | None:
+    """params -> {'<task>/<metric>': value} of `train.eval_tasks`, zero-shot on their first
+    `train.eval_task_limit` examples, scored on the training mesh; None without tasks.
+    The task files are read and checked here, before any step."""
+    files = [f.strip() for f in cfg.train.get("eval_tasks", "").split(",") if f.strip()]
+    if not files:
+        return None
+    tasks = []
+    for path in files:
+        try:
+            tasks.append(evaluate_lib.load_task(path, cfg.train.get("eval_task_limit", 0)))
+        except (config_lib.ConfigError, OSError) as e:
+            raise config_lib.ConfigError(f"train.eval_tasks: {e}") from None
+    scorer = evaluate_lib.Scorer(cfg.model, None, mesh, tokenizer.eot_id,
+                                 cfg.train.batch_size // cfg.train.microbatches,
+                                 vocab=tokenizer.vocab_size, progress=False)
+
+    def evaluate(params: Any) -> dict[str, float]:
+        scorer.params, out = params, {}
+        for spec, evals, demos in tasks:
+            for report in evaluate_lib.evaluate_task(scorer, tokenizer, spec, evals, demos,
+                                                     shots=[0], seed=cfg.seed):
+                out.update({f"{spec.name}/{k}": v for k, v in report["metrics"].items()
+                            if isinstance(v, float)})
         return out
 
     return evaluate
@@ -136,10 +168,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
               f"tokens; unigram entropy "
               f"{data_lib.unigram_entropy(corpus.val, corpus.tokenizer.vocab_size):.3f} nats "
               f"(validation loss of a model that ignores context)")
+    lm_evaluate = make_evaluate(cfg, mesh, corpus)
+    task_evaluate = make_task_evaluate(cfg, mesh, corpus.tokenizer)
+
+    def evaluate(params: Any) -> dict[str, float]:
+        return {**lm_evaluate(params), **(task_evaluate(params) if task_evaluate else {})}
+
     task = loop.Task(
         loss_fn=steps.lm_loss_fn(cfg.model),
         batch=lambda step: step_windows(cfg, corpus, step),
-        evaluate=make_evaluate(cfg, mesh, corpus),
+        evaluate=evaluate,
         tokens_per_step=cfg.train.batch_size * cfg.model.context,
         flops_per_token=flops_per_token(cfg.model),
         tokenizer=corpus.tokenizer, token_store=corpus.store)  # saved in the workdir by run

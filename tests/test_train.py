@@ -198,3 +198,37 @@ def test_full_split_loss_scores_every_target_once(stride):
                                   stride=stride)
     assert a[1] == b[1] == scored
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
+
+
+def test_eval_tasks_are_scored_in_the_loop_as_evaluate_scores_them(tmp_path):
+    from test_hellaswag import GRILL, ROOF, TENNIS, write_jsonl
+    write_jsonl(tmp_path / "hellaswag_val.jsonl", [ROOF, GRILL, TENNIS])
+    (tmp_path / "hellaswag.json").write_text(json.dumps(
+        {"name": "hellaswag", "type": "multiple_choice", "eval": "hellaswag_val.jsonl",
+         "adapter": "hellaswag"}))
+    tasks = f"{tmp_path / 'hellaswag.json'},{REPO}/experiments/eval/toy_mc.json"
+    workdir = tmp_path / "run"
+    out = run_python(train_args(workdir, tmp_path / "data", steps=10,
+                                **{"train.eval_tasks": tasks, "train.eval_task_limit": 2,
+                                   "train.sample_tokens": 0}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for r in metrics.read_metrics(workdir) if "eval_loss" in r]
+    assert [r["step"] for r in rows] == [0, 10]
+    names = ("hellaswag/llmc_acc", "hellaswag/llmc_acc_norm", "hellaswag/lmeval_acc",
+             "hellaswag/lmeval_acc_norm", "toy_mc/acc", "toy_mc/acc_per_byte")
+    for r in rows:  # at initialisation and after training, 2 examples each: 0, 0.5 or 1
+        assert all(r[n] in (0.0, 0.5, 1.0) for n in names), r
+    report = tmp_path / "report.json"  # the same numbers from the command, same examples
+    out = run_python(["-m", "gpt_jax.evaluate", f"--workdir={workdir}", f"--tasks={tasks}",
+                      "--limit=2", f"--out={report}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    for r in json.loads(report.read_text())["results"]:
+        for k, v in r["metrics"].items():
+            if isinstance(v, float):
+                assert rows[-1][f"{r['task']}/{k}"] == pytest.approx(v, abs=1e-9), k
+    bad = run_python(train_args(tmp_path / "bad", tmp_path / "data", steps=2,
+                                **{"train.eval_tasks": str(tmp_path / "nope.json")}))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: train.eval_tasks: "), \
+        bad.stderr[-2000:]
+    assert not (tmp_path / "bad" / "checkpoints").exists()
