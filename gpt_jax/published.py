@@ -2,9 +2,9 @@
 `python -m gpt_jax.plot --reference=published:<recipe>`: how far a run is from the
 number it is meant to reproduce, at a glance (docs/recipes/gpt2_124m.md has the table).
 
-Only validation losses are drawn today: HellaSwag is scored by `evaluate`
-(`experiments/eval/hellaswag_official.json`), not yet in the training loop, so its
-published accuracies are listed here with their sources but have no panel to go on.
+Only validation losses are drawn today: HellaSwag's accuracies (from `evaluate`, or in the
+loop with `train.eval_tasks=experiments/eval/hellaswag_official.json`) have no panel in
+the plot yet, so its published figures are listed here with their sources, not drawn.
 """
 
 from __future__ import annotations
