@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import run_python
-from test_train import train_args
+from test_train import kill_script, train_args
 
 from gpt_jax import goodput, metrics
 
@@ -161,30 +161,7 @@ def test_unreadable_ledger_starts_a_new_one(tmp_path, capsys):
 
 
 # SIGKILL before step 8 (steps 1-7 trained and logged), once the step-4 checkpoint committed.
-KILL_AT_7 = """
-import os, signal, sys, time
-from etils import epath
-from gpt_jax import cli, loop, train
-build = loop.build_trainer
-workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
-def build_and_kill(*args, **kwargs):
-    trainer = build(*args, **kwargs)
-    step_fn = trainer.train_step
-    def step(state, *rest):
-        if int(state["step"]) == 7:
-            done = epath.Path(workdir) / "checkpoints" / "4" / "commit_success.txt"
-            deadline = time.time() + 120
-            while not done.exists():
-                assert time.time() < deadline, "checkpoint 4 never completed"
-                time.sleep(0.05)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return step_fn(state, *rest)
-    trainer.train_step = step
-    return trainer
-loop.build_trainer = build_and_kill
-cli.define_run_flags()
-cli.run(train.main)
-"""
+KILL_AT_7 = kill_script(7, 4)
 
 
 def test_killed_and_resumed_run_keeps_one_ledger(tmp_path):

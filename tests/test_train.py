@@ -44,9 +44,11 @@ def final_params(workdir):
     return meta["step"], jax.tree.leaves(params)
 
 
-# SIGKILL at step 13, once the (asynchronous) step-10 checkpoint is complete: orbax writes
-# commit_success.txt last, locally and on Cloud Storage (where nothing is renamed).
-KILL_AT_13 = """
+def kill_script(at_step: int, after_checkpoint: int) -> str:
+    """`python -c` text of `gpt_jax.train` that SIGKILLs itself before step `at_step + 1`,
+    once the (asynchronous) `after_checkpoint` checkpoint is complete: orbax writes
+    commit_success.txt last, locally and on Cloud Storage (where nothing is renamed)."""
+    return f"""
 import os, signal, sys, time
 from etils import epath
 from gpt_jax import cli, loop, train
@@ -56,12 +58,12 @@ def build_and_kill(*args, **kwargs):
     trainer = build(*args, **kwargs)
     step_fn = trainer.train_step
     def step(state, *rest):
-        if int(state["step"]) == 13:
-            done = epath.Path(workdir) / "checkpoints" / "10" / "commit_success.txt"
+        if int(state["step"]) == {at_step}:
+            done = epath.Path(workdir) / "checkpoints" / "{after_checkpoint}" / "commit_success.txt"
             deadline = time.time() + 120
             while not done.exists():
-                assert time.time() < deadline, "checkpoint 10 never completed"
-                time.sleep(0.1)
+                assert time.time() < deadline, "checkpoint {after_checkpoint} never completed"
+                time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
         return step_fn(state, *rest)
     trainer.train_step = step
@@ -70,6 +72,9 @@ loop.build_trainer = build_and_kill
 cli.define_run_flags()
 cli.run(train.main)
 """
+
+
+KILL_AT_13 = kill_script(13, 10)  # SIGKILL at step 13, once checkpoint 10 is complete
 
 
 def test_kill_and_resume_is_exact(tmp_path):
